@@ -1,0 +1,255 @@
+"""GPT-2 in Flax NNX, read top-down: config, attention, MLP, block, the model.
+
+Parameter names follow Hugging Face's GPT2LMHeadModel (wte, wpe, h, ln_1, attn.c_attn, attn.c_proj, ln_2,
+mlp.c_fc, mlp.c_proj, ln_f), and kernels are stored [in, out] like HF's Conv1D, so the bridge is a plain copy.
+Every parameter names its logical axes ('embed', 'mlp', ...); jaxgpt/sharding.py maps them onto a mesh.
+Compute runs in `config.dtype` over `config.param_dtype` weights; matmuls accumulate in float32.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+PRESETS = {  # name -> (n_layer, n_head, n_embd), the four released GPT-2 sizes
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),
+}
+REMAT_POLICIES = {  # config.remat -> what a rematerialised block keeps from its forward pass
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class GPTConfig:
+    vocab_size: int = 50304  # embedding rows: GPT-2's 50257 padded to a multiple of 64 for fast matmuls
+    valid_vocab_size: int | None = 50257  # rows at and past this are padding (None: every row is a token)
+    block_size: int = 1024  # longest sequence (rows of wpe)
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0  # on embeddings and both residual branches, in training only
+    bias: bool = True  # biases in Linear and LayerNorm layers (GPT-2: True; nanoGPT allows False)
+    dtype: str = "float32"  # compute dtype (float32 or bfloat16)
+    param_dtype: str = "float32"  # master weights
+    layer_norm_epsilon: float = 1e-5
+    init_std: float = 0.02  # std of the normal init; c_proj layers use init_std / sqrt(2 * n_layer)
+    scan_layers: bool = False  # stack the blocks and run them with lax.scan (one block compiled, not n_layer)
+    remat: str = "none"  # activation checkpointing per block: none | full | dots
+    attention: str | None = None  # dot_product_attention implementation; None picks per backend
+
+    def __post_init__(self):
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+        if self.valid_vocab_size is not None and not 0 < self.valid_vocab_size <= self.vocab_size:
+            raise ValueError(f"valid_vocab_size={self.valid_vocab_size} must lie in 1..vocab_size={self.vocab_size}")
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"remat={self.remat!r}: expected one of {sorted(REMAT_POLICIES)}")
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> GPTConfig:
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}: expected one of {sorted(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    @property
+    def n_valid_vocab(self) -> int:
+        return self.vocab_size if self.valid_vocab_size is None else self.valid_vocab_size
+
+
+def attention_implementation(config: GPTConfig) -> str:
+    """cuDNN flash attention on GPU in half precision, XLA's everywhere else (cuDNN takes no float32)."""
+    if config.attention is not None:
+        return config.attention
+    half = jnp.dtype(config.dtype) in (jnp.bfloat16, jnp.float16)
+    return "cudnn" if half and jax.default_backend() == "gpu" else "xla"
+
+
+def dropout(x, rate: float, key: jax.Array | None):
+    """Inverted dropout; identity when no key is given (evaluation) or the rate is 0."""
+    if key is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+class Linear(nnx.Module):
+    """x @ kernel + bias with the kernel stored [in, out] (HF Conv1D layout) and float32 accumulation."""
+
+    def __init__(self, d_in, d_out, axes, config: GPTConfig, *, rngs: nnx.Rngs, std: float | None = None):
+        init = jax.nn.initializers.normal(config.init_std if std is None else std)
+        self.kernel = nnx.Param(nnx.with_partitioning(init, axes)(rngs.params(), (d_in, d_out), config.param_dtype))
+        self.bias = (nnx.Param(nnx.with_partitioning(jax.nn.initializers.zeros, axes[1:])(
+            rngs.params(), (d_out,), config.param_dtype)) if config.bias else None)
+        self.dtype = config.dtype
+
+    def __call__(self, x):
+        # A 2-D matmul: XLA on CPU differentiates (B*T, C) @ (C, N) faster than the batched 3-D form.
+        y = jnp.dot(x.reshape(-1, x.shape[-1]).astype(self.dtype), self.kernel[...].astype(self.dtype),
+                    preferred_element_type=jnp.float32)  # (B*T, d_out)
+        if self.bias is not None:
+            y = y + self.bias[...]
+        return y.reshape(*x.shape[:-1], y.shape[-1]).astype(self.dtype)
+
+
+class LayerNorm(nnx.Module):
+    """LayerNorm with statistics in float32 whatever the compute dtype."""
+
+    def __init__(self, config: GPTConfig, *, rngs: nnx.Rngs):
+        shape, pdt = (config.n_embd,), config.param_dtype
+        self.scale = nnx.Param(nnx.with_partitioning(jax.nn.initializers.ones, ("embed",))(rngs.params(), shape, pdt))
+        self.bias = (nnx.Param(nnx.with_partitioning(jax.nn.initializers.zeros, ("embed",))(
+            rngs.params(), shape, pdt)) if config.bias else None)
+        self.eps, self.dtype = config.layer_norm_epsilon, config.dtype
+
+    def __call__(self, x):
+        x32 = x.astype(jnp.float32)
+        mean = x32.mean(-1, keepdims=True)
+        var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps) * self.scale[...]
+        if self.bias is not None:
+            y = y + self.bias[...]
+        return y.astype(self.dtype)
+
+
+class Embed(nnx.Module):
+    def __init__(self, rows: int, axes, config: GPTConfig, *, rngs: nnx.Rngs):
+        init = nnx.with_partitioning(jax.nn.initializers.normal(config.init_std), axes)
+        self.embedding = nnx.Param(init(rngs.params(), (rows, config.n_embd), config.param_dtype))
+
+    def __call__(self, ids):
+        return jnp.take(self.embedding[...], ids, axis=0)
+
+
+class CausalSelfAttention(nnx.Module):
+    def __init__(self, config: GPTConfig, *, rngs: nnx.Rngs):
+        C = config.n_embd
+        self.c_attn = Linear(C, 3 * C, ("embed", "heads"), config, rngs=rngs)
+        self.c_proj = Linear(C, C, ("heads", "embed"), config, rngs=rngs,
+                             std=config.init_std / math.sqrt(2 * config.n_layer))
+        self.n_head, self.implementation = config.n_head, attention_implementation(config)
+
+    def __call__(self, x, cache=None):
+        B, T, C = x.shape
+        qkv = self.c_attn(x).reshape(B, T, 3, self.n_head, C // self.n_head)  # (B, T, 3, n_head, head_dim)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # each (B, T, n_head, head_dim)
+        if cache is None:
+            y = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=self.implementation)
+        else:
+            y, cache = cache.attend(q, k, v)
+        return self.c_proj(y.reshape(B, T, C)), cache  # heads merged back: (B, T, C)
+
+
+class MLP(nnx.Module):
+    def __init__(self, config: GPTConfig, *, rngs: nnx.Rngs):
+        C = config.n_embd
+        self.c_fc = Linear(C, 4 * C, ("embed", "mlp"), config, rngs=rngs)
+        self.c_proj = Linear(4 * C, C, ("mlp", "embed"), config, rngs=rngs,
+                             std=config.init_std / math.sqrt(2 * config.n_layer))
+
+    def __call__(self, x):
+        return self.c_proj(jax.nn.gelu(self.c_fc(x), approximate=True))  # GPT-2's tanh GELU
+
+
+class Block(nnx.Module):
+    def __init__(self, config: GPTConfig, *, rngs: nnx.Rngs):
+        self.ln_1 = LayerNorm(config, rngs=rngs)
+        self.attn = CausalSelfAttention(config, rngs=rngs)
+        self.ln_2 = LayerNorm(config, rngs=rngs)
+        self.mlp = MLP(config, rngs=rngs)
+        self.rate = config.dropout
+
+    def __call__(self, x, key=None, cache=None):
+        k1, k2 = jax.random.split(key) if key is not None else (None, None)
+        y, cache = self.attn(self.ln_1(x), cache)
+        x = x + dropout(y, self.rate, k1)
+        x = x + dropout(self.mlp(self.ln_2(x)), self.rate, k2)
+        return x, cache
+
+
+class GPT(nnx.Module):
+    def __init__(self, config: GPTConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        self.wte = Embed(config.vocab_size, ("vocab", "embed"), config, rngs=rngs)
+        self.wpe = Embed(config.block_size, ("position", "embed"), config, rngs=rngs)
+        if config.scan_layers:  # one Block whose parameters carry a leading (n_layer,) 'layers' axis
+            @nnx.split_rngs(splits=config.n_layer)
+            @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+            def stacked(rngs):
+                return Block(config, rngs=rngs)
+            self.h = stacked(rngs)
+        else:
+            self.h = nnx.List([Block(config, rngs=rngs) for _ in range(config.n_layer)])
+        self.ln_f = LayerNorm(config, rngs=rngs)
+
+    def __call__(self, idx, *, rng: jax.Array | None = None, cache=None, positions=None):
+        """idx (B, T) int tokens -> float32 logits (B, T, vocab_size).
+
+        rng: a key turns dropout on (training); None is evaluation. cache/positions: see jaxgpt/generate.py.
+        """
+        cfg = self.config
+        B, T = idx.shape
+        if T > cfg.block_size:
+            raise ValueError(f"sequence length {T} exceeds block_size {cfg.block_size}")
+        if positions is None:
+            positions = jnp.arange(T)[None]  # (1, T)
+        keys = jax.random.split(rng, cfg.n_layer + 1) if rng is not None else [None] * (cfg.n_layer + 1)
+        x = (self.wte(idx) + self.wpe(positions)).astype(cfg.dtype)  # (B, T, C)
+        x = dropout(x, cfg.dropout, keys[0])
+        x, cache = self.blocks(x, None if rng is None else keys[1:], cache)
+        return self.logits(self.ln_f(x)), cache
+
+    def blocks(self, x, keys, cache):
+        cfg, policy = self.config, REMAT_POLICIES[self.config.remat]
+
+        def run(block, x, key, layer_cache):
+            return block(x, key, layer_cache)
+        if cfg.remat != "none":
+            run = nnx.remat(run, policy=policy)
+        if not cfg.scan_layers:
+            caches = []
+            for i, block in enumerate(self.h):
+                x, c = run(block, x, None if keys is None else keys[i], None if cache is None else cache[i])
+                caches.append(c)
+            return x, None if cache is None else caches
+
+        @nnx.scan(in_axes=(0, nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0),
+                  transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def scan(block, x, key, layer_cache):
+            return run(block, x, key, layer_cache)
+        return scan(self.h, x, keys, cache)
+
+    def logits(self, x):
+        """Weight-tied head. Padded vocab rows get -inf logits: softmax gives them probability 0, so they are
+        never sampled, and since targets are real tokens they never change a loss (nor receive gradient)."""
+        B, T, C = x.shape
+        wte = self.wte.embedding[...].astype(x.dtype)
+        logits = jnp.dot(x.reshape(B * T, C), wte.T, preferred_element_type=jnp.float32).reshape(B, T, -1)
+        if self.config.n_valid_vocab < self.config.vocab_size:
+            logits = jnp.where(jnp.arange(self.config.vocab_size) < self.config.n_valid_vocab, logits, -jnp.inf)
+        return logits
+
+
+def cross_entropy(logits, targets):
+    """Mean token loss in float32; targets < 0 are ignored (like PyTorch's ignore_index)."""
+    valid = targets >= 0
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(logp, jnp.where(valid, targets, 0)[..., None], axis=-1)[..., 0]
+    return jnp.sum(jnp.where(valid, nll, 0.0)) / jnp.maximum(jnp.sum(valid), 1)
+
+
+def num_params(model: GPT) -> int:
+    return sum(p.size for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def build(config: GPTConfig, seed: int = 0) -> GPT:
+    """A freshly initialised model, on or off a mesh (sharding is applied later by jaxgpt/sharding.py)."""
+    with nnx.use_eager_sharding(False):
+        return GPT(config, rngs=nnx.Rngs(seed))
