@@ -30,7 +30,7 @@ REMAT_POLICIES = {  # config.remat -> what a rematerialised block keeps from its
 @dataclasses.dataclass(frozen=True)
 class GPTConfig:
     vocab_size: int = 50304  # embedding rows: GPT-2's 50257 padded to a multiple of 64 for fast matmuls
-    valid_vocab_size: int | None = 50257  # rows at and past this are padding (None: every row is a token)
+    valid_vocab_size: int | None = 50257  # rows at and past this are padding (None, or >= vocab_size: none are)
     block_size: int = 1024  # longest sequence (rows of wpe)
     n_layer: int = 12
     n_head: int = 12
@@ -48,8 +48,8 @@ class GPTConfig:
     def __post_init__(self):
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
-        if self.valid_vocab_size is not None and not 0 < self.valid_vocab_size <= self.vocab_size:
-            raise ValueError(f"valid_vocab_size={self.valid_vocab_size} must lie in 1..vocab_size={self.vocab_size}")
+        if self.valid_vocab_size is not None and self.valid_vocab_size < 1:
+            raise ValueError(f"valid_vocab_size={self.valid_vocab_size} must be positive")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat={self.remat!r}: expected one of {sorted(REMAT_POLICIES)}")
 
@@ -61,7 +61,7 @@ class GPTConfig:
 
     @property
     def n_valid_vocab(self) -> int:
-        return self.vocab_size if self.valid_vocab_size is None else self.valid_vocab_size
+        return min(self.vocab_size, self.valid_vocab_size or self.vocab_size)
 
 
 def attention_implementation(config: GPTConfig) -> str:

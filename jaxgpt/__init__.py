@@ -1,0 +1,1 @@
+"""jaxgpt: GPT-2 in JAX/Flax NNX. See README.md."""
