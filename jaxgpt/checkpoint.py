@@ -45,13 +45,72 @@ def read_config(directory: str) -> GPTConfig:
 
 
 def load_model(directory: str, **overrides) -> GPT:
-    """Loads a model saved by `save_model`. `overrides` change compute-only fields (dtype, scan_layers, ...)."""
+    """Loads a model dir written by `save_model`, or the latest checkpoint of a training workdir.
+    `overrides` change compute-only fields (dtype, scan_layers, ...)."""
     directory = os.path.abspath(directory)
+    if is_training_dir(directory):
+        return load_trained_model(directory, **overrides)
     config = dataclasses.replace(read_config(directory), **overrides)
     model = build(config)
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
                           nnx.state(model, nnx.Param).to_pure_dict())
     with ocp.StandardCheckpointer() as ckptr:
         params = ckptr.restore(os.path.join(directory, PARAMS_DIR), target)
+    nnx.update(model, params)
+    return model
+
+
+# Training checkpoints --------------------------------------------------------------------------------------------
+# WORKDIR/checkpoints/<step>/ holds four items: params (like a model dir's), train (step, optimizer state, RNG),
+# data (each process's grain iterator state) and config (the model config and the whole training config).
+# Orbax writes each step to a temporary directory and renames it when complete, so a run killed mid-save
+# leaves the previous checkpoint as the latest usable one.
+TRAIN_ITEMS = ("params", "train", "data", "config")
+
+
+def checkpoint_manager(workdir: str, *, keep: int = 2, keep_best: bool = True,
+                       async_save: bool = True) -> ocp.CheckpointManager:
+    """The latest `keep` checkpoints are kept, and the one with the lowest val_loss."""
+    policies = [ocp.checkpoint_managers.LatestN(n=keep)]
+    if keep_best:
+        policies.append(ocp.checkpoint_managers.BestN(get_metric_fn=lambda m: m["val_loss"], reverse=True, n=1))
+    options = ocp.CheckpointManagerOptions(
+        preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
+        enable_async_checkpointing=async_save, create=True)
+    return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
+                                 item_names=TRAIN_ITEMS, options=options)
+
+
+def save_training(manager, step: int, *, params, train, data_iterator, config: dict, val_loss=None):
+    import grain
+    args = ocp.args.Composite(params=ocp.args.StandardSave(params), train=ocp.args.StandardSave(train),
+                              data=grain.checkpoint.CheckpointSave(data_iterator), config=ocp.args.JsonSave(config))
+    manager.save(step, args=args, metrics=None if val_loss is None else {"val_loss": float(val_loss)})
+
+
+def restore_training(manager, step: int, *, params, train, data_iterator):
+    """params/train: abstract targets (ShapeDtypeStruct with shardings), so a checkpoint saved on one mesh restores
+    onto another. The data iterator is restored in place. Returns (params, train)."""
+    import grain
+    restored = manager.restore(step, args=ocp.args.Composite(
+        params=ocp.args.StandardRestore(params), train=ocp.args.StandardRestore(train),
+        data=grain.checkpoint.CheckpointRestore(data_iterator)))
+    return restored.params, restored.train
+
+
+def is_training_dir(directory: str) -> bool:
+    return os.path.isdir(os.path.join(directory, "checkpoints"))
+
+
+def load_trained_model(workdir: str, step: int | None = None, **overrides) -> GPT:
+    """The parameters of a training run's latest (or given) checkpoint as a model."""
+    manager = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"), item_names=TRAIN_ITEMS)
+    step = manager.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"{workdir} holds no training checkpoint yet")
+    config = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
+    model = build(dataclasses.replace(GPTConfig(**config["model"]), **overrides))
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nnx.state(model, nnx.Param))
+    params = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target))).params
     nnx.update(model, params)
     return model

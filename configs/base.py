@@ -1,0 +1,66 @@
+"""The one config schema: every field, its default and what it means. Other configs override a few fields.
+
+Any field can be overridden on the command line: `--config.optim.lr=3e-4`. Fields set to None here are
+optional (a placeholder keeps their type open for overrides).
+"""
+from ml_collections import ConfigDict, FieldReference
+
+
+def get_config() -> ConfigDict:
+    c = ConfigDict()
+    c.seed = 0  # one seed for parameter init, dropout and data order
+
+    c.model = ConfigDict()
+    c.model.preset = ""  # "", gpt2, gpt2-medium, gpt2-large, gpt2-xl: sets n_layer/n_head/n_embd
+    c.model.n_layer = 12  # transformer blocks
+    c.model.n_head = 12  # attention heads per block
+    c.model.n_embd = 768  # residual stream width
+    c.model.block_size = 1024  # context length T
+    c.model.vocab_size = 0  # embedding rows; 0: the tokenizer's vocabulary padded up to a multiple of 64
+    c.model.dropout = 0.0  # dropout on embeddings and residual branches (0 for pretraining, 0.1+ for finetuning)
+    c.model.bias = True  # biases in Linear and LayerNorm layers (GPT-2: True)
+    c.model.dtype = "float32"  # compute dtype: float32 or bfloat16 (parameters stay float32)
+    c.model.scan_layers = False  # compile one block and lax.scan over the layers (faster compiles for big models)
+    c.model.remat = "none"  # activation checkpointing per block: none | full | dots
+
+    c.data = ConfigDict()
+    c.data.dir = "data/shakespeare_char"  # prepared shards (train_*.bin, val_*.bin, tokenizer.json)
+    c.data.dataset = "auto"  # when dir is empty, prepare it from: auto | tinyshakespeare | stdlib_docs | text
+    c.data.input = ""  # local text file or glob used by dataset=text (and auto, when given)
+    c.data.tokenizer = "char"  # tokenizer used when preparing: char | gpt2
+
+    c.batch_size = 12  # sequences per micro-batch, summed over all devices and hosts
+    c.grad_accum_steps = 1  # micro-batches per optimizer step (tokens/step = batch_size * block_size * this)
+
+    c.optim = ConfigDict()
+    c.optim.lr = 6e-4  # peak learning rate, reached after warmup_steps
+    c.optim.min_lr_ratio = 0.1  # cosine decays to lr * min_lr_ratio
+    c.optim.warmup_steps = 100  # linear warmup from 0
+    c.optim.decay_steps = 0  # steps of warmup + cosine decay; 0: max_steps
+    c.optim.weight_decay = 0.1  # AdamW decay, applied to weights of 2+ dims only (as nanoGPT)
+    c.optim.b1 = 0.9  # Adam beta1
+    c.optim.b2 = 0.95  # Adam beta2
+    c.optim.eps = 1e-8  # Adam epsilon
+    c.optim.grad_clip = 1.0  # clip by global norm; 0 disables
+
+    c.max_steps = 5000  # optimizer steps to train for
+    c.eval_every = 500  # steps between evaluations (val loss, sample, checkpoint)
+    c.eval_iters = 20  # batches of batch_size averaged for the val loss
+    c.log_every = 10  # steps between log lines
+    c.checkpoint_every = FieldReference(0)  # steps between checkpoints; 0: every eval
+    c.keep_checkpoints = 2  # latest checkpoints kept (the best by val loss is kept too)
+    c.init_from = "scratch"  # scratch | resume | hf:DIR | nanogpt:FILE | ckpt:DIR (a jaxgpt model dir)
+    c.sample_prompt = "\n"  # prompt of the text sample printed at every eval
+    c.sample_tokens = 200  # tokens in that sample; 0 disables it
+    c.hellaswag_file = ""  # HellaSwag val .jsonl scored at every eval when set (GPT-2 BPE models)
+    c.hellaswag_limit = 0  # examples scored from it; 0: all
+
+    c.mesh = ConfigDict()
+    c.mesh.data = -1  # data-parallel axis size; -1: all devices left over
+    c.mesh.fsdp = 1  # parameter/optimizer-state sharding axis size
+    c.mesh.tensor = 1  # tensor-parallel axis size (heads, mlp, vocab)
+
+    c.peak_flops = 0.0  # peak FLOP/s of one device for MFU; 0: a default for known devices
+    c.wandb_project = ""  # log to Weights & Biases under this project when set and wandb is installed
+    c.progress_bar = True  # tqdm progress bar with ETA on process 0
+    return c

@@ -1,0 +1,329 @@
+"""Training: `python -m jaxgpt.train --config=configs/shakespeare_char_cpu.py --workdir=out/shakespeare`.
+
+`train(config, workdir)` does the work; `main` only parses flags. The step is a pure function
+`(state, batch) -> (state, metrics)`, jitted with shardings from jaxgpt/sharding.py and its state donated.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import app, flags, logging
+from flax import nnx, struct
+from ml_collections import ConfigDict, config_flags
+
+from jaxgpt import checkpoint, data, metrics, model, optim, sharding, tokenizer
+
+
+@struct.dataclass
+class TrainState:
+    step: jax.Array  # optimizer steps taken
+    params: nnx.State  # float32 master weights
+    opt_state: Any
+    rng: jax.Array  # dropout key, split every step
+
+    def train_items(self):  # what checkpoints store beside the params
+        return {"step": self.step, "opt_state": self.opt_state, "rng": self.rng}
+
+
+def model_config(config: ConfigDict, vocab_size: int) -> model.GPTConfig:
+    """The GPTConfig of a training config; vocab_size is the tokenizer's (padded here to a multiple of 64)."""
+    m = config.model
+    shape = model.PRESETS[m.preset] if m.preset else dict(n_layer=m.n_layer, n_head=m.n_head, n_embd=m.n_embd)
+    if m.preset and m.preset not in model.PRESETS:
+        raise ValueError(f"model.preset={m.preset!r}: expected one of {sorted(model.PRESETS)} or ''")
+    rows = m.vocab_size or 64 * math.ceil(vocab_size / 64)
+    if rows < vocab_size:
+        raise ValueError(f"model.vocab_size={rows} is smaller than the tokenizer's vocabulary ({vocab_size})")
+    return model.GPTConfig(vocab_size=rows, valid_vocab_size=vocab_size, block_size=m.block_size, dropout=m.dropout,
+                           bias=m.bias, dtype=m.dtype, scan_layers=m.scan_layers, remat=m.remat, **shape)
+
+
+def loss_fn(params, graphdef, inputs, targets, rng):
+    logits, _ = nnx.merge(graphdef, params)(inputs, rng=rng)
+    return model.cross_entropy(logits, targets)
+
+
+def train_step(state: TrainState, batch, *, graphdef, tx, schedule, use_dropout: bool):
+    """One optimizer step over batch['inputs'/'targets'] of shape (grad_accum_steps, B, T).
+
+    Micro-batches are accumulated by a lax.scan inside this one jit: one dispatch and one optimizer update per
+    step (what optax.MultiSteps would spread over grad_accum_steps calls)."""
+    rng, step_rng = jax.random.split(state.rng)
+    n_micro = batch["inputs"].shape[0]
+    keys = jax.random.split(step_rng, n_micro)
+    grad_fn = jax.value_and_grad(loss_fn)
+
+    def micro_step(grad_sum, xs):
+        inputs, targets, key = xs
+        loss, grads = grad_fn(state.params, graphdef, inputs, targets, key if use_dropout else None)
+        return jax.tree.map(jnp.add, grad_sum, grads), loss
+
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    grads, losses = jax.lax.scan(micro_step, zeros, (batch["inputs"], batch["targets"], keys))
+    grads = jax.tree.map(lambda g: g / n_micro, grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                              opt_state=opt_state, rng=rng)
+    return new_state, {"loss": losses.mean(), "grad_norm": optax.global_norm(grads), "lr": schedule(state.step)}
+
+
+def eval_step(params, batch, *, graphdef):
+    return loss_fn(params, graphdef, batch["inputs"], batch["targets"], None)
+
+
+class Trainer:
+    """Holds what the loop needs: the mesh, compiled steps, shardings, checkpoint manager and data."""
+
+    def __init__(self, config: ConfigDict, workdir: str):
+        self.config, self.workdir = config, workdir
+        self.is_main = jax.process_index() == 0
+        self.tokenizer, self.data_dir = prepare_data(config, self.is_main)
+        self.model_config = self._model_config()
+        self.mesh = sharding.make_mesh(config.mesh)
+        self._check_batch()
+        self.schedule = optim.learning_rate_schedule(config.optim, config.max_steps)
+        self.tx = optim.make_optimizer(config.optim, config.max_steps)
+
+        abstract_model = nnx.eval_shape(lambda: model.build(self.model_config, config.seed))
+        self.graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
+        self.n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_params))
+        params_sharding = sharding.param_shardings(abstract_params, self.mesh)
+        abstract_opt = jax.eval_shape(self.tx.init, abstract_params)
+        rep = sharding.replicated(self.mesh)
+        self.state_sharding = TrainState(
+            step=rep, params=params_sharding, rng=rep,
+            opt_state=sharding.optimizer_shardings(self.tx, abstract_opt, params_sharding, self.mesh))
+        abstract_state = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=abstract_params,
+                                    opt_state=abstract_opt, rng=jax.ShapeDtypeStruct((2,), jnp.uint32))
+        self.abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                           abstract_state, self.state_sharding)
+
+        step = functools.partial(train_step, graphdef=self.graphdef, tx=self.tx, schedule=self.schedule,
+                                 use_dropout=self.model_config.dropout > 0)
+        batch_sharding = sharding.batch_sharding(self.mesh, ndim=3, batch_axis=1)
+        self.train_step = jax.jit(step, in_shardings=(self.state_sharding, batch_sharding),
+                                  out_shardings=(self.state_sharding, rep), donate_argnums=0)
+        self.eval_step = jax.jit(functools.partial(eval_step, graphdef=self.graphdef),
+                                 in_shardings=(params_sharding, sharding.batch_sharding(self.mesh)), out_shardings=rep)
+
+        local_batch = config.batch_size // jax.process_count()
+        self.train_data = iter(data.make_dataset(
+            data.find_shards(self.data_dir, "train"), block_size=self.model_config.block_size,
+            batch_size=local_batch, seed=config.seed, process_index=jax.process_index(),
+            process_count=jax.process_count(), vocab_size=self.tokenizer.vocab_size))
+        self.val_batches = data.eval_batches(
+            data.find_shards(self.data_dir, "val"), block_size=self.model_config.block_size, batch_size=local_batch,
+            n_batches=config.eval_iters, seed=config.seed, process_index=jax.process_index(),
+            process_count=jax.process_count())
+        self.manager = checkpoint.checkpoint_manager(workdir, keep=config.keep_checkpoints)
+
+    def _model_config(self) -> model.GPTConfig:
+        source = self.config.init_from
+        if source.startswith(("hf:", "nanogpt:", "ckpt:")):  # the architecture comes from the weights
+            return self._pretrained().config
+        return model_config(self.config, self.tokenizer.vocab_size)
+
+    def _check_batch(self):
+        c, n_proc = self.config, jax.process_count()
+        shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        if c.batch_size % n_proc or c.batch_size % shards:
+            raise ValueError(f"batch_size={c.batch_size} must divide evenly over {n_proc} processes and the "
+                             f"{shards} data x fsdp shards of the mesh {dict(self.mesh.shape)}")
+        if c.grad_accum_steps < 1:
+            raise ValueError(f"grad_accum_steps={c.grad_accum_steps} must be at least 1")
+
+    @functools.cache  # noqa: B019 -- the trainer lives for the whole run
+    def _pretrained(self) -> model.GPT:
+        kind, _, path = self.config.init_from.partition(":")
+        m = self.config.model
+        overrides = dict(dropout=m.dropout, dtype=m.dtype, scan_layers=m.scan_layers, remat=m.remat)
+        if kind == "ckpt":
+            pretrained = checkpoint.load_model(path, **overrides)
+        else:
+            import torch_bridge
+            pretrained = (torch_bridge.from_hf if kind == "hf" else torch_bridge.from_nanogpt)(path, **overrides)
+        if pretrained.config.n_valid_vocab < self.tokenizer.vocab_size:
+            raise ValueError(f"init_from={self.config.init_from!r} has {pretrained.config.n_valid_vocab} tokens but "
+                             f"the data's tokenizer ({self.tokenizer.name}) has {self.tokenizer.vocab_size}")
+        return pretrained
+
+    def initial_state(self) -> tuple[TrainState, int]:
+        """Resumes from the workdir's latest checkpoint when there is one, else starts per init_from."""
+        latest = self.manager.latest_step()
+        if latest is not None:
+            params, items = checkpoint.restore_training(
+                self.manager, latest, params=self.abstract_state.params,
+                train=self.abstract_state.train_items(), data_iterator=self.train_data)
+            log(self.is_main, f"resumed from {self.workdir} at step {latest}")
+            return TrainState(params=params, **items), latest
+        if self.config.init_from == "resume":
+            raise FileNotFoundError(f"init_from='resume' but {self.workdir} has no checkpoint to resume from")
+        if self.config.init_from == "scratch":
+            params = jax.jit(lambda: nnx.state(model.build(self.model_config, self.config.seed), nnx.Param),
+                             out_shardings=self.state_sharding.params)()
+        elif self.config.init_from.startswith(("hf:", "nanogpt:", "ckpt:")):
+            params = jax.device_put(nnx.state(self._pretrained(), nnx.Param), self.state_sharding.params)
+        else:
+            raise ValueError(f"init_from={self.config.init_from!r}: expected scratch, resume, hf:DIR, "
+                             "nanogpt:FILE or ckpt:DIR")
+        opt_state = jax.jit(self.tx.init, out_shardings=self.state_sharding.opt_state)(params)
+        rng = jax.device_put(jax.random.PRNGKey(self.config.seed + 1), self.state_sharding.rng)
+        step = jax.device_put(jnp.zeros((), jnp.int32), self.state_sharding.step)
+        return TrainState(step=step, params=params, opt_state=opt_state, rng=rng), 0
+
+    def next_batch(self):
+        """grad_accum_steps local micro-batches stacked to (accum, B_local, T), assembled into global arrays."""
+        micro = [next(self.train_data) for _ in range(self.config.grad_accum_steps)]
+        stacked = {k: np.stack([m[k] for m in micro]) for k in ("inputs", "targets")}
+        return sharding.host_batch_to_global(stacked, self.mesh, batch_axis=1)
+
+    def evaluate(self, params) -> float:
+        losses = [self.eval_step(params, sharding.host_batch_to_global(b, self.mesh)) for b in self.val_batches]
+        return float(np.mean(jax.device_get(losses)))
+
+    def save(self, state: TrainState, step: int, val_loss=None):
+        checkpoint.save_training(
+            self.manager, step, params=state.params, train=state.train_items(), data_iterator=self.train_data,
+            config={"model": dataclasses.asdict(self.model_config), "train": self.config.to_dict()},
+            val_loss=val_loss)
+
+    def sample(self, params) -> str:
+        from jaxgpt import generate
+        c = self.config
+        m = nnx.merge(self.graphdef, params)
+        prompt = self.tokenizer.encode(c.sample_prompt) or [self.tokenizer.eot or 0]
+        out = generate.generate(m, [prompt], max_new_tokens=c.sample_tokens, temperature=0.8, top_k=200,
+                                seed=c.seed, eot_id=self.tokenizer.eot)
+        return self.tokenizer.decode(prompt + out[0])
+
+
+def log(is_main: bool, message: str):
+    if is_main:
+        logging.info(message)
+        print(message, flush=True)
+
+
+def prepare_data(config: ConfigDict, is_main: bool):
+    """The tokenizer and data dir, preparing the dir first (process 0 only) when it holds no shards."""
+    from jaxgpt import prepare
+    d = config.data
+    if not data.has_shards(d.dir):
+        if jax.process_count() > 1:
+            raise FileNotFoundError(f"data.dir={d.dir} holds no shards; prepare it before a multi-process launch: "
+                                    f"python -m jaxgpt.prepare --out={d.dir} ...")
+        log(is_main, f"data.dir={d.dir} holds no shards: preparing it from data.dataset={d.dataset!r}")
+        prepare.prepare(d.dir, dataset=d.dataset, input=d.input or None, tokenizer=d.tokenizer)
+    return tokenizer.load_tokenizer(d.dir), d.dir
+
+
+def train(config: ConfigDict, workdir: str) -> TrainState:
+    """Trains config.max_steps optimizer steps, resuming from workdir's checkpoints; returns the final state."""
+    t = Trainer(config, workdir)
+    state, start = t.initial_state()
+    mc = t.model_config
+    tokens_per_step = config.batch_size * config.grad_accum_steps * mc.block_size
+    n_wpe = mc.block_size * mc.n_embd
+    flops_per_step = metrics.flops_per_token(t.n_params, n_wpe, mc.n_layer, mc.block_size, mc.n_embd) * tokens_per_step
+    peak = metrics.peak_flops_per_device(config.peak_flops)
+    log(t.is_main, f"model: {t.n_params / 1e6:.2f}M parameters, {mc}")
+    log(t.is_main, f"mesh: {dict(t.mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} devices, "
+                   f"{jax.process_count()} process(es); {tokens_per_step:,} tokens per step")
+    writer = metrics.MetricWriter(workdir, config, enabled=t.is_main)
+    bar = None
+    if t.is_main and config.progress_bar:
+        from tqdm import tqdm
+        bar = tqdm(total=config.max_steps, initial=start, unit="step", dynamic_ncols=True)
+    checkpoint_every = config.checkpoint_every or config.eval_every
+    pending = None  # the last step's metrics, read one step late so the host never stalls the device
+    t_last, step_last = time.perf_counter(), start
+
+    def check_finite(step, step_metrics):
+        loss = float(step_metrics["loss"])
+        if not math.isfinite(loss):
+            t.manager.wait_until_finished()
+            raise FloatingPointError(f"loss is {loss} at step {step}: stopping. The last good checkpoint "
+                                     f"(step {t.manager.latest_step()}) is kept in {workdir}")
+        return loss
+
+    try:
+        for step in range(start, config.max_steps):
+            state, step_metrics = t.train_step(state, t.next_batch())
+            if pending is not None:
+                check_finite(*pending)
+            pending = (step + 1, step_metrics)
+            done = step + 1
+            if bar is not None:
+                bar.update(1)
+            if done % config.log_every == 0 or done == config.max_steps:
+                values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+                check_finite(done, step_metrics)
+                now = time.perf_counter()
+                tok_s = tokens_per_step * (done - step_last) / (now - t_last)
+                values["tokens_per_sec"] = tok_s
+                line = (f"step {done}: loss {values['loss']:.4f}, lr {values['lr']:.2e}, "
+                        f"grad norm {values['grad_norm']:.3f}, {tok_s:,.0f} tok/s")
+                if peak:
+                    values["mfu"] = flops_per_step * (done - step_last) / (now - t_last) / (peak * jax.device_count())
+                    line += f", MFU {100 * values['mfu']:.1f}%"
+                writer.write(done, values)
+                (bar.write if bar is not None else lambda s: log(t.is_main, s))(line)
+                t_last, step_last = now, done
+            is_eval = done % config.eval_every == 0 or done == config.max_steps
+            if is_eval or done % checkpoint_every == 0:
+                check_finite(*pending)
+                val_loss = None
+                if is_eval:
+                    val_loss = t.evaluate(state.params)
+                    writer.write(done, {"val_loss": val_loss})
+                    message = f"step {done}: val loss {val_loss:.4f}"
+                    if config.sample_tokens:
+                        message += "\n" + t.sample(state.params)
+                    (bar.write if bar is not None else lambda s: log(t.is_main, s))(message)
+                    t_last = time.perf_counter()  # evaluation time is not training throughput
+                t.save(state, done, val_loss)
+    finally:
+        t.manager.wait_until_finished()
+        writer.close()
+        if bar is not None:
+            bar.close()
+    return state
+
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Training config file, e.g. configs/124m.py.", lock_config=True)
+flags.DEFINE_string("workdir", None, "Where checkpoints and logs go; an existing run there is resumed.")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for a multi-process launch that JAX "
+                    "cannot detect by itself (SLURM, Open MPI and Kubernetes are detected).")
+flags.DEFINE_integer("num_processes", None, "Processes in a multi-process launch.")
+flags.DEFINE_integer("process_id", None, "This process's index in a multi-process launch.")
+
+
+def maybe_initialize_distributed():
+    """jax.distributed for multi-process launches: explicit flags, or the cluster environment JAX detects."""
+    if FLAGS.coordinator_address or FLAGS.num_processes:
+        jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
+                                   num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
+    elif any(int(os.environ.get(v, "1")) > 1 for v in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")) or \
+            os.environ.get("JAX_COORDINATOR_ADDRESS"):
+        jax.distributed.initialize()
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    maybe_initialize_distributed()
+    train(FLAGS.config, FLAGS.workdir)
+
+
+if __name__ == "__main__":
+    flags.mark_flags_as_required(["config", "workdir"])
+    app.run(main)
