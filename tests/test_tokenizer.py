@@ -1,0 +1,132 @@
+"""Tokenizers against exact ids, Hugging Face's GPT-2 tokenizer as the reference, and the real tinyshakespeare."""
+import hashlib
+import json
+import os
+
+import pytest
+import tiktoken.load
+
+from jaxgpt import tokenizer as tokenizer_lib
+from jaxgpt.tokenizer import CharTokenizer, get_tokenizer, load_tokenizer
+
+SHAKESPEARE = "/work/shared/data/tinyshakespeare.txt"
+SAMPLES = [
+    "Hello world",
+    " héllo  wörld\n\n  ✓ 123456 don't  \n",
+    "First Citizen:\nBefore we proceed any further, hear me speak.\n",
+    "日本語のテキストと emoji 🙂, tabs\tand   spaces",
+]
+
+
+def read_shakespeare() -> str:
+    with open(SHAKESPEARE) as f:
+        return f.read()
+
+
+@pytest.fixture
+def offline_tiktoken(monkeypatch):
+    """tiktoken must never reach for the network: any URL read fails the test."""
+    real_read_file = tiktoken.load.read_file
+
+    def read_file(blobpath):
+        assert "://" not in blobpath, f"tiktoken tried to download {blobpath}"
+        return real_read_file(blobpath)
+
+    monkeypatch.setattr(tiktoken.load, "read_file", read_file)
+    tokenizer_lib._gpt2_encoding.cache_clear()
+    yield
+    tokenizer_lib._gpt2_encoding.cache_clear()
+
+
+def test_gpt2_exact_ids_and_special_token():
+    tok = get_tokenizer("gpt2")
+    assert tok.encode("Hello world") == [15496, 995]
+    assert (tok.name, tok.vocab_size, tok.eot) == ("gpt2", 50257, 50256)
+    assert tok.encode("<|endoftext|>", allowed_special={"<|endoftext|>"}) == [50256]
+    plain = tok.encode("<|endoftext|>")  # not allowed: encoded as ordinary text, never as the special id
+    assert 50256 not in plain and tok.decode(plain) == "<|endoftext|>"
+    assert tok.decode([15496, 995, 50256]) == "Hello world<|endoftext|>"
+
+
+def test_gpt2_matches_hugging_face_and_round_trips():
+    from transformers import GPT2Tokenizer
+
+    files = tokenizer_lib._bundled_gpt2_files()
+    with open(files["encoder.json"]) as f:
+        vocab = json.load(f)
+    with open(files["vocab.bpe"], encoding="utf-8") as f:
+        merges = [tuple(line.split()) for line in f.read().split("\n")[1:-1]]
+    reference = GPT2Tokenizer(vocab=vocab, merges=merges)
+    tok = get_tokenizer("gpt2")
+    for text in SAMPLES + [read_shakespeare()[:5000]]:
+        ids = tok.encode(text)
+        assert ids == reference.encode(text)
+        assert tok.decode(ids) == text
+    assert tok.encode_batch(SAMPLES) == [tok.encode(t) for t in SAMPLES]
+
+
+def test_gpt2_uses_tiktoken_cache_when_present_without_writing_one(tmp_path, monkeypatch, offline_tiktoken):
+    empty = tmp_path / "empty_cache"
+    empty.mkdir()
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(empty))
+    from_bundle = tokenizer_lib._gpt2_encoding()
+    assert os.listdir(empty) == []  # the bundled files were not copied into tiktoken's cache
+    assert os.environ["TIKTOKEN_CACHE_DIR"] == str(empty)
+
+    cache = tmp_path / "cache"  # what tiktoken leaves after downloading gpt2: files named sha1(url)
+    cache.mkdir()
+    for name, (url, _) in tokenizer_lib._GPT2_FILES.items():
+        with open(tokenizer_lib._bundled_gpt2_files()[name], "rb") as f:
+            (cache / hashlib.sha1(url.encode()).hexdigest()).write_bytes(f.read())
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(cache))
+    tokenizer_lib._gpt2_encoding.cache_clear()
+    from_cache = tokenizer_lib._gpt2_encoding()
+    assert from_cache is tiktoken.get_encoding("gpt2")
+    for text in SAMPLES:
+        assert from_cache.encode_ordinary(text) == from_bundle.encode_ordinary(text)
+
+
+def test_char_vocab_of_tinyshakespeare():
+    text = read_shakespeare()
+    tok = get_tokenizer("char", text=text)
+    assert tok.vocab_size == 65  # nanoGPT's shakespeare_char
+    assert "".join(tok.chars) == "\n !$&',-.3:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+    assert tok.eot is None and tok.name == "char"
+    assert tok.encode("hii there") == [46, 47, 47, 1, 58, 46, 43, 56, 43]  # Karpathy's "Let's build GPT" example
+    ids = tok.encode(text)
+    assert len(ids) == len(text) and max(ids) == 64
+    assert tok.decode(ids) == text
+
+
+def test_char_errors_name_the_problem():
+    tok = CharTokenizer(list("abc"))
+    with pytest.raises(ValueError, match="'z' is not in"):
+        tok.encode("abz")
+    with pytest.raises(ValueError, match="token id 3 is outside"):
+        tok.decode([0, 3])
+    with pytest.raises(ValueError, match="distinct single characters"):
+        CharTokenizer(["a", "a"])
+    with pytest.raises(ValueError, match="exactly one of"):
+        get_tokenizer("char")
+    with pytest.raises(ValueError, match="unknown tokenizer 'bpe'"):
+        get_tokenizer("bpe")
+
+
+def test_load_tokenizer_round_trip(tmp_path):
+    char = get_tokenizer("char", text="to be or not to be\n")
+    char.save(str(tmp_path))
+    loaded = load_tokenizer(str(tmp_path))
+    assert isinstance(loaded, CharTokenizer) and loaded.chars == char.chars
+    assert loaded.encode("not to be") == char.encode("not to be")
+
+    get_tokenizer("gpt2").save(str(tmp_path))
+    assert json.loads((tmp_path / "tokenizer.json").read_text()) == {"kind": "gpt2"}
+    assert load_tokenizer(str(tmp_path)).encode("Hello world") == [15496, 995]
+
+
+def test_load_tokenizer_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"tokenizer\.json is missing.*jaxgpt\.prepare"):
+        load_tokenizer(str(tmp_path))
+    (tmp_path / "tokenizer.json").write_text('{"kind": "sentencepiece"}')
+    with pytest.raises(ValueError, match="tokenizer.json: expected"):
+        load_tokenizer(str(tmp_path))
