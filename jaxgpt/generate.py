@@ -1,0 +1,248 @@
+"""Autoregressive generation with a preallocated KV cache: prefill the prompts, then decode one token per step.
+
+Shapes are fixed so nothing recompiles per token or per prompt length: a batch of prompts is left-padded to a
+bucket length P (a power of two, at least 16) so that every row ends at slot P - 1, and the cache holds
+P + max_new_tokens slots rounded up to a multiple of 64. Each row's positions start at 0 on its first real token and
+its pad slots are masked out as keys, so a padded row computes exactly what it would alone.
+
+Two decode loops share one step function: 'python' dispatches a jitted step per token and streams the tokens to
+`on_token` as they arrive (what the sampling CLI uses), 'device' runs all steps in a lax.while_loop inside one jit.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, struct
+
+from jaxgpt.model import GPT, GPTConfig, attention_implementation
+
+CACHE_MULTIPLE = 64  # cache lengths are rounded up to a multiple of this
+MIN_PROMPT_BUCKET = 16
+# Python counters bumped while tracing: a test reads them to prove that decoding does not recompile per token.
+trace_counts: collections.Counter = collections.Counter()
+
+
+@struct.dataclass
+class KVCache:
+    """One layer's keys and values (B, max_len, n_head, head_dim), filled left to right.
+
+    index: the next slot to write (all rows advance together). start (B,): each row's first real slot; slots
+    before it hold left padding and are never attended to.
+    """
+    k: jax.Array
+    v: jax.Array
+    index: jax.Array
+    start: jax.Array
+    implementation: str = struct.field(pytree_node=False, default="xla")
+
+    @classmethod
+    def create(cls, config: GPTConfig, start: jax.Array, max_len: int) -> KVCache:
+        shape = (start.shape[0], max_len, config.n_head, config.n_embd // config.n_head)
+        implementation = attention_implementation(config)
+        if implementation == "cudnn":  # cuDNN takes no arbitrary boolean mask
+            implementation = "xla"
+        zeros = jnp.zeros(shape, config.dtype)
+        return cls(zeros, zeros, jnp.zeros((), jnp.int32), start.astype(jnp.int32), implementation)
+
+    def attend(self, q, k, v):
+        """Writes k, v (B, T, n_head, head_dim) at `index` and attends q to every filled, unpadded slot."""
+        T, max_len = q.shape[1], self.k.shape[1]
+        keys = jax.lax.dynamic_update_slice(self.k, k.astype(self.k.dtype), (0, self.index, 0, 0))
+        values = jax.lax.dynamic_update_slice(self.v, v.astype(self.v.dtype), (0, self.index, 0, 0))
+        query_slot = (self.index + jnp.arange(T))[None, :, None]  # (1, T, 1)
+        key_slot = jnp.arange(max_len)[None, None, :]  # (1, 1, max_len)
+        real_key = key_slot >= self.start[:, None, None]  # (B, 1, max_len)
+        # A pad query attends to itself only, which keeps its softmax finite; real queries never see pad keys.
+        mask = (key_slot <= query_slot) & real_key | (key_slot == query_slot)  # (B, T, max_len)
+        y = jax.nn.dot_product_attention(q, keys, values, mask=mask[:, None], implementation=self.implementation)
+        return y, self.replace(k=keys, v=values, index=self.index + T)
+
+
+def init_cache(config: GPTConfig, start: jax.Array, max_len: int):
+    """The per-layer cache GPT.__call__ expects: a list for a plain model, one stacked pytree for scan_layers."""
+    layer = KVCache.create(config, start, max_len)
+    if config.scan_layers:
+        return jax.tree.map(lambda x: jnp.broadcast_to(x, (config.n_layer, *x.shape)), layer)  # (n_layer, ...)
+    return [layer] * config.n_layer
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampler:
+    """How to pick a token from logits. temperature 0 is greedy; top_k/top_p of None keep every token."""
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError(f"temperature={self.temperature} must be >= 0 (0 is greedy)")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k={self.top_k} must be >= 1")
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
+
+    def filter(self, logits):
+        """Temperature, then top-k, then top-p (HF's order), on float32 logits (B, V). Excluded tokens and
+        padded vocab rows (already -inf) end up -inf."""
+        logits = logits.astype(jnp.float32) / self.temperature
+        if self.top_k is not None and self.top_k < logits.shape[-1]:
+            kth = jax.lax.top_k(logits, self.top_k)[0][:, -1:]  # (B, 1)
+            logits = jnp.where(logits >= kth, logits, -jnp.inf)
+        if self.top_p is not None and self.top_p < 1.0:
+            descending = -jnp.sort(-logits, axis=-1)  # (B, V)
+            probs = jax.nn.softmax(descending, axis=-1)
+            # Keep the smallest prefix whose mass reaches top_p: every token whose predecessors hold less.
+            keep = jnp.cumsum(probs, axis=-1) - probs < self.top_p
+            cutoff = jnp.min(jnp.where(keep, descending, jnp.inf), axis=-1, keepdims=True)  # (B, 1)
+            logits = jnp.where(logits >= cutoff, logits, -jnp.inf)
+        return logits
+
+    def __call__(self, logits, key):
+        """logits (B, V) -> tokens (B,) int32."""
+        if self.temperature == 0:
+            return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return jax.random.categorical(key, self.filter(logits), axis=-1).astype(jnp.int32)
+
+
+@struct.dataclass
+class Carry:
+    """Decode state besides the cache: the last token of each row, which rows hit end-of-text, step counters."""
+    token: jax.Array  # (B,) int32
+    done: jax.Array  # (B,) bool
+    length: jax.Array  # () slots filled in the cache
+    step: jax.Array  # () tokens sampled so far
+    start: jax.Array  # (B,) first real slot per row
+    key: jax.Array
+    eot_id: jax.Array  # () -1 when generation never stops early
+
+
+def _prefill(model: GPT, ids, start, key, eot_id, sampler: Sampler, max_len: int):
+    """ids (B, P) left-padded prompts -> (cache, carry holding the first sampled token)."""
+    P = ids.shape[1]
+    positions = jnp.maximum(jnp.arange(P)[None] - start[:, None], 0)  # (B, P): 0 at each row's first real token
+    logits, cache = model(ids, cache=init_cache(model.config, start, max_len), positions=positions)
+    token = sampler(logits[:, -1], jax.random.fold_in(key, 0))
+    carry = Carry(token, token == eot_id, jnp.int32(P), jnp.int32(1), start, key, eot_id)
+    return cache, carry
+
+
+def _decode(model: GPT, cache, carry: Carry, sampler: Sampler):
+    """Feeds each row's last token and samples the next; rows already done keep emitting end-of-text."""
+    positions = (carry.length - carry.start)[:, None]  # (B, 1)
+    logits, cache = model(carry.token[:, None], cache=cache, positions=positions)
+    token = sampler(logits[:, 0], jax.random.fold_in(carry.key, carry.step))
+    token = jnp.where(carry.done, carry.eot_id, token)
+    done = carry.done | (token == carry.eot_id)
+    return cache, carry.replace(token=token, done=done, length=carry.length + 1, step=carry.step + 1)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "sampler", "max_len"))
+def prefill(graphdef, params, ids, start, key, eot_id, *, sampler: Sampler, max_len: int):
+    trace_counts["prefill"] += 1
+    return _prefill(nnx.merge(graphdef, params), ids, start, key, eot_id, sampler, max_len)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "sampler"), donate_argnames=("cache",))
+def decode_step(graphdef, params, cache, carry: Carry, *, sampler: Sampler):
+    trace_counts["decode_step"] += 1
+    return _decode(nnx.merge(graphdef, params), cache, carry, sampler)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "sampler", "max_len"))
+def generate_on_device(graphdef, params, ids, start, key, eot_id, max_new_tokens, *, sampler: Sampler,
+                       max_len: int):
+    """Prefill and the whole decode loop in one program: tokens (B, max_len - P), eot_id after a row stops."""
+    trace_counts["generate_on_device"] += 1
+    cache, carry = _prefill(nnx.merge(graphdef, params), ids, start, key, eot_id, sampler, max_len)
+    out = jnp.full((ids.shape[0], max_len - ids.shape[1]), eot_id, jnp.int32).at[:, 0].set(carry.token)
+
+    def running(state):
+        carry = state[2]
+        return (carry.step < max_new_tokens) & ~jnp.all(carry.done)
+
+    def step(state):  # params ride in the loop state: NNX refuses modules built from an enclosing trace's values
+        params, cache, carry, out = state
+        cache, carry = _decode(nnx.merge(graphdef, params), cache, carry, sampler)
+        return params, cache, carry, out.at[:, carry.step - 1].set(carry.token)
+    return jax.lax.while_loop(running, step, (params, cache, carry, out))[3]
+
+
+def prompt_bucket(length: int) -> int:
+    return max(MIN_PROMPT_BUCKET, 1 << (length - 1).bit_length())
+
+
+def cache_length(prompt_len: int, max_new_tokens: int) -> int:
+    return -(-(prompt_len + max_new_tokens) // CACHE_MULTIPLE) * CACHE_MULTIPLE
+
+
+def left_pad(prompts: list[list[int]], length: int) -> tuple[np.ndarray, np.ndarray]:
+    """-> ids (B, length) with each prompt flush right (pad token 0), start (B,) its first real slot."""
+    ids = np.zeros((len(prompts), length), np.int32)
+    start = np.array([length - len(p) for p in prompts], np.int32)
+    for row, prompt in enumerate(prompts):
+        ids[row, start[row]:] = prompt
+    return ids, start
+
+
+def generate(model: GPT, prompts: list[list[int]], *, max_new_tokens: int, temperature: float = 1.0,
+             top_k: int | None = None, top_p: float | None = None, seed: int = 0, eot_id: int | None = None,
+             on_token: Callable[[int, int], None] | None = None, loop: str | None = None) -> list[list[int]]:
+    """Continues each prompt (a list of token ids) by up to `max_new_tokens` tokens; returns the new tokens only.
+
+    temperature 0 is greedy. A row stops after sampling `eot_id` (which is not returned). `on_token(row, token)`
+    is called for every new token as soon as it is produced. loop: 'python' (a jitted step per token; the default
+    with on_token) or 'device' (one lax.while_loop; the default without). The same seed gives the same tokens.
+    """
+    sampler = Sampler(temperature, top_k, top_p)
+    config = model.config
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token (start from end-of-text for unconditional samples)")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
+    longest = max(len(p) for p in prompts)
+    if longest + max_new_tokens > config.block_size:
+        raise ValueError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
+                         f"block_size {config.block_size}")
+    if bad := [t for p in prompts for t in p if not 0 <= t < config.n_valid_vocab]:
+        raise ValueError(f"prompt token {bad[0]} is outside the vocabulary [0, {config.n_valid_vocab})")
+    loop = loop or ("python" if on_token else "device")
+    if loop not in ("python", "device"):
+        raise ValueError(f"loop={loop!r}: expected 'python' or 'device'")
+
+    P = prompt_bucket(longest)
+    max_len = cache_length(P, max_new_tokens)
+    ids, start = left_pad(prompts, P)
+    graphdef, params = nnx.split(model)
+    key, eot = jax.random.key(seed), jnp.int32(-1 if eot_id is None else eot_id)
+    if loop == "device":
+        tokens = np.asarray(generate_on_device(graphdef, params, ids, start, key, eot, jnp.int32(max_new_tokens),
+                                               sampler=sampler, max_len=max_len))[:, :max_new_tokens]
+        return [_until_eot(row, eot_id) for row in tokens.tolist()]
+
+    outputs: list[list[int]] = [[] for _ in prompts]
+    running = [True] * len(prompts)
+    cache, carry = prefill(graphdef, params, ids, start, key, eot, sampler=sampler, max_len=max_len)
+    for step in range(max_new_tokens):
+        token = carry.token
+        if step + 1 < max_new_tokens:  # dispatch the next step before reading this one: the two overlap
+            cache, carry = decode_step(graphdef, params, cache, carry, sampler=sampler)
+        for row, t in enumerate(np.asarray(token).tolist()):
+            if running[row] and t == eot_id:
+                running[row] = False
+            elif running[row]:
+                outputs[row].append(t)
+                if on_token:
+                    on_token(row, t)
+        if not any(running):
+            break
+    return outputs
+
+
+def _until_eot(tokens: list[int], eot_id: int | None) -> list[int]:
+    return tokens[:tokens.index(eot_id)] if eot_id in tokens else tokens
