@@ -120,6 +120,14 @@ def find_shards(data_dir: str, split: str) -> list[str]:
     return files
 
 
+def has_shards(data_dir: str) -> bool:
+    """Whether data_dir holds both a train and a val split."""
+    try:
+        return bool(find_shards(data_dir, "train") and find_shards(data_dir, "val"))
+    except FileNotFoundError:
+        return False
+
+
 class TokenWindows:
     """Random-access windows of `length` tokens over a list of shards; window ids 0..num_windows-1 per epoch."""
 

@@ -57,7 +57,7 @@ def param_shardings(params: nnx.State, mesh: Mesh):
     """NamedShardings for an nnx.State of parameters (arrays or ShapeDtypeStructs), from their logical axes."""
     def one(variable):
         axes = variable.get_metadata().get("out_sharding") or (None,) * variable.value.ndim
-        return NamedSharding(mesh, spec_for(axes, variable.value.shape, mesh))
+        return variable.replace(NamedSharding(mesh, spec_for(axes, variable.value.shape, mesh)))
     return jax.tree.map(one, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from absl import app, flags, logging
+from absl import app, flags
 from flax import nnx, struct
 from ml_collections import ConfigDict, config_flags
 
@@ -208,7 +208,6 @@ class Trainer:
 
 def log(is_main: bool, message: str):
     if is_main:
-        logging.info(message)
         print(message, flush=True)
 
 
@@ -247,10 +246,11 @@ def train(config: ConfigDict, workdir: str) -> TrainState:
     t_last, step_last = time.perf_counter(), start
 
     def check_finite(step, step_metrics):
-        loss = float(step_metrics["loss"])
-        if not math.isfinite(loss):
+        loss, grad_norm = (float(step_metrics[k]) for k in ("loss", "grad_norm"))
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             t.manager.wait_until_finished()
-            raise FloatingPointError(f"loss is {loss} at step {step}: stopping. The last good checkpoint "
+            raise FloatingPointError(f"loss {loss}, grad norm {grad_norm} at step {step}: stopping. The last "
+                                     f"good checkpoint "
                                      f"(step {t.manager.latest_step()}) is kept in {workdir}")
         return loss
 

@@ -1,5 +1,6 @@
 """Shard format, the grain loader (windows, determinism, process sharding, exact resume) and jaxgpt.prepare."""
 import os
+import pathlib
 import subprocess
 import sys
 import time
@@ -14,7 +15,7 @@ from jaxgpt.prepare import prepare
 from jaxgpt.tokenizer import get_tokenizer, load_tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHAKESPEARE = "/work/shared/data/tinyshakespeare.txt"
+SHAKESPEARE = str(pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt")
 
 
 def write_numbered_shards(directory, sizes) -> tuple[list[str], list[np.ndarray]]:

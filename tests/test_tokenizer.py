@@ -2,6 +2,7 @@
 import hashlib
 import json
 import os
+import pathlib
 
 import pytest
 import tiktoken.load
@@ -9,7 +10,7 @@ import tiktoken.load
 from jaxgpt import tokenizer as tokenizer_lib
 from jaxgpt.tokenizer import CharTokenizer, get_tokenizer, load_tokenizer
 
-SHAKESPEARE = "/work/shared/data/tinyshakespeare.txt"
+SHAKESPEARE = str(pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt")
 SAMPLES = [
     "Hello world",
     " héllo  wörld\n\n  ✓ 123456 don't  \n",
