@@ -1,0 +1,25 @@
+"""Shared fixtures: small random-init Hugging Face GPT-2 models (nothing is downloaded)."""
+import pytest
+import torch
+import transformers
+
+SMALL_HF = dict(n_layer=2, n_head=4, n_embd=64, n_positions=128, vocab_size=100, bos_token_id=0, eos_token_id=0)
+
+
+def hf_gpt2(full_size: bool = False, seed: int = 0, **overrides) -> transformers.GPT2LMHeadModel:
+    """A random GPT2LMHeadModel in eval mode, dropout off, eager attention (sdpa adds its own rounding).
+    full_size: GPT2Config()'s 124M shape; otherwise the small SMALL_HF shape."""
+    torch.manual_seed(seed)
+    config = transformers.GPT2Config(**{**({} if full_size else SMALL_HF), **overrides},
+                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    model = transformers.GPT2LMHeadModel._from_config(config, attn_implementation="eager").eval()
+    with torch.no_grad():  # HF initialises biases to 0 and LayerNorm scales to 1: make them non-trivial
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+@pytest.fixture(scope="session")
+def make_hf_gpt2():
+    return hf_gpt2

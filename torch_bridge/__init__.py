@@ -1,0 +1,92 @@
+"""Move GPT-2 weights between jaxgpt and PyTorch: Hugging Face GPT2LMHeadModel and nanoGPT's ckpt.pt.
+
+    model = from_hf(hf_model_or_dir_or_state_dict, dtype="bfloat16")  # keywords override GPTConfig fields
+    save_hf(model, "out/hf");  to_nanogpt(model, "out/ckpt.pt");  model = from_nanogpt("out/ckpt.pt")
+
+Nothing is downloaded and no pickled code is ever run. See docs/torch_bridge.md.
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+
+import torch
+
+from jaxgpt.model import GPT
+from torch_bridge import convert
+from torch_bridge.mapping import HF, NANOGPT
+
+
+def from_hf(src, *, n_head: int | None = None, **overrides) -> GPT:
+    """src: a transformers GPT2LMHeadModel, a local HF model directory, or a bare state dict (shape inferred;
+    n_head defaults to the preset with the same n_embd). `overrides` set GPTConfig fields (dtype, scan_layers)."""
+    if isinstance(src, (str, os.PathLike)):
+        hf_config, sd, source = read_hf_dir(src)
+    elif isinstance(src, Mapping):
+        hf_config, sd, source = None, src, "state dict"
+    else:
+        hf_config, sd, source = src.config.to_dict(), src.state_dict(), type(src).__name__
+    return convert.load(sd, convert.make_config(HF, hf_config, sd, source, n_head, overrides), HF, source)
+
+
+def read_hf_dir(directory) -> tuple[dict, dict, str]:
+    """(config, state dict, weights file) of a local HF model directory: model.safetensors or pytorch_model.bin."""
+    import safetensors.torch
+    import transformers
+    config_path = os.path.join(directory, "config.json")
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f"{directory} is not a Hugging Face model directory: config.json is missing")
+    with open(config_path) as f:
+        raw = json.load(f)
+    if raw.get("model_type") != "gpt2":
+        raise ValueError(f"{config_path}: model_type is {raw.get('model_type')!r}, expected 'gpt2'")
+    hf_config = transformers.GPT2Config.from_dict(raw).to_dict()  # defaults filled in
+    for name, read in (("model.safetensors", safetensors.torch.load_file), ("pytorch_model.bin", convert.load_pickle)):
+        if os.path.isfile(path := os.path.join(directory, name)):
+            return hf_config, read(path), path
+    raise FileNotFoundError(f"{directory} holds neither model.safetensors nor pytorch_model.bin")
+
+
+def to_hf(model: GPT):
+    """A transformers GPT2LMHeadModel (eval mode) with the model's weights; padded vocab rows are dropped."""
+    import transformers
+    c = model.config
+    if not c.bias:
+        raise ValueError("Hugging Face GPT-2 always has biases: export a bias=False model with to_nanogpt")
+    no_eos = {} if c.n_valid_vocab > 50256 else dict(bos_token_id=None, eos_token_id=None)  # token 50256 is eos
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        **convert.file_config(c, HF), embd_pdrop=c.dropout, attn_pdrop=0.0, **no_eos))  # jaxgpt: no attn dropout
+    hf.load_state_dict(convert.state_dict(model, HF), strict=True)
+    return hf.eval()
+
+
+def save_hf(model: GPT, out_dir: str) -> str:
+    """Writes config.json + model.safetensors that GPT2LMHeadModel.from_pretrained(out_dir) loads."""
+    to_hf(model).save_pretrained(out_dir)
+    return out_dir
+
+
+def from_nanogpt(src, *, n_head: int | None = None, **overrides) -> GPT:
+    """src: a nanoGPT ckpt.pt path, its loaded dict ({'model', 'model_args', ...}) or a bare state dict."""
+    is_path = isinstance(src, (str, os.PathLike))
+    ckpt, source = (convert.load_pickle(src), str(src)) if is_path else (src, "nanoGPT checkpoint")
+    sd, model_args = (ckpt["model"], ckpt.get("model_args")) if "model" in ckpt else (ckpt, None)
+    stored = {k: v for k, v in (ckpt.get("config") or {}).items() if k == "valid_vocab_size"}  # see to_nanogpt
+    config = convert.make_config(NANOGPT, model_args, sd, source, n_head, {**stored, **overrides})
+    return convert.load(sd, config, NANOGPT, source)
+
+
+def to_nanogpt(model: GPT, path: str) -> str:
+    """Writes a nanoGPT ckpt.pt (all vocab rows kept) that nanoGPT's GPT(GPTConfig(**model_args)) loads.
+    'config' (nanoGPT keeps its training settings there) records valid_vocab_size for from_nanogpt."""
+    c = model.config
+    if c.layer_norm_epsilon != 1e-5:
+        raise ValueError(f"nanoGPT fixes layer_norm_epsilon at 1e-5; this model uses {c.layer_norm_epsilon}")
+    torch.save({"model": convert.state_dict(model, NANOGPT), "model_args": convert.file_config(c, NANOGPT),
+                "iter_num": 0, "best_val_loss": float("inf"), "config": {"valid_vocab_size": c.valid_vocab_size}},
+               path)
+    return path
+
+
+__all__ = ["from_hf", "to_hf", "save_hf", "from_nanogpt", "to_nanogpt"]
