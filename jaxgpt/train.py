@@ -9,6 +9,7 @@ import dataclasses
 import functools
 import math
 import os
+import sys
 import time
 from typing import Any
 
@@ -317,6 +318,18 @@ def maybe_initialize_distributed():
         jax.distributed.initialize()
 
 
+def parse_flags(argv):
+    """absl's parser, with an unknown config field reported as one line instead of ml_collections' traceback."""
+    try:
+        return FLAGS(argv)
+    except flags.Error as e:
+        sys.exit(f"FATAL Flags parsing error: {e}")
+    except (AttributeError, KeyError) as e:
+        bad = [a for a in argv[1:] if a.startswith(("--config.", "-config.")) and str(e).strip("'\"") in a]
+        sys.exit(f"FATAL Flags parsing error: unknown config field {str(e).strip(chr(34) + chr(39))!r} in {' '.join(bad) or argv[1:]}; "
+                 "every field is listed in configs/base.py")
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -326,4 +339,4 @@ def main(argv):
 
 if __name__ == "__main__":
     flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

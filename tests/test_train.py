@@ -1,0 +1,169 @@
+"""The training job: loss goes down, exact resume (in process and after SIGKILL), clear errors, the 124M config."""
+import importlib
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxgpt import checkpoint, plot, prepare, train
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("text") / "shakespeare_200k.txt"
+    path.write_text(SHAKESPEARE.read_text()[:200_000])
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def char_data(tmp_path_factory, text_file):
+    return prepare.prepare(str(tmp_path_factory.mktemp("char")), dataset="text", input=text_file, tokenizer="char")
+
+
+@pytest.fixture(scope="module")
+def gpt2_data(tmp_path_factory, text_file):
+    return prepare.prepare(str(tmp_path_factory.mktemp("gpt2")), dataset="text", input=text_file, tokenizer="gpt2")
+
+
+def make_config(name="tiny", **overrides):
+    config = importlib.import_module(f"configs.{name}").get_config()
+    config.update_from_flattened_dict(overrides)
+    return config
+
+
+def params_of(state):
+    return [np.asarray(x) for x in jax.tree.leaves(state.params)]
+
+
+def read_metrics(workdir):
+    return plot.read_metrics(str(workdir))
+
+
+def test_tiny_config_on_gpt2_bpe_lowers_the_loss(gpt2_data, tmp_path):
+    config = make_config(**{"data.dir": gpt2_data, "max_steps": 40, "eval_every": 20, "log_every": 5,
+                            "eval_iters": 4})
+    train.train(config, str(tmp_path))
+    rows = read_metrics(tmp_path)
+    losses = [r["loss"] for r in rows if "loss" in r]
+    val = [r["val_loss"] for r in rows if "val_loss" in r]
+    assert losses[0] > 10.0  # ln(50257) = 10.8 at init
+    assert losses[-1] < losses[0] - 2.0, losses
+    assert val[-1] < val[0], val
+    assert all({"lr", "grad_norm", "tokens_per_sec"} <= set(r) for r in rows if "loss" in r)
+    assert os.path.getsize(plot.plot(str(tmp_path))) > 10_000
+    assert list((tmp_path / "tensorboard").iterdir())
+
+
+def test_resume_is_bit_exact(char_data, tmp_path):
+    common = {"data.dir": char_data, "optim.decay_steps": 12, "checkpoint_every": 3, "eval_every": 6,
+              "model.dropout": 0.1, "grad_accum_steps": 2, "sample_tokens": 0}
+    straight = train.train(make_config(**common, max_steps=12), str(tmp_path / "straight"))
+    train.train(make_config(**common, max_steps=6), str(tmp_path / "halves"))
+    resumed = train.train(make_config(**common, max_steps=12), str(tmp_path / "halves"))
+    for a, b in zip(params_of(straight), params_of(resumed), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert int(resumed.step) == 12
+
+
+def train_command(workdir, data_dir, *extra):
+    return [sys.executable, "-m", "jaxgpt.train", "--config=configs/tiny.py", f"--workdir={workdir}",
+            f"--config.data.dir={data_dir}", "--config.max_steps=40", "--config.optim.decay_steps=40",
+            "--config.checkpoint_every=1", "--config.eval_every=20", "--config.sample_tokens=0",
+            "--config.keep_checkpoints=3", *extra]
+
+
+def completed_steps(workdir):
+    path = pathlib.Path(workdir) / "checkpoints"
+    return sorted(int(p.name) for p in path.iterdir() if p.name.isdigit()) if path.exists() else []
+
+
+@pytest.mark.slow
+def test_sigkill_mid_save_then_resume_matches_uninterrupted_run(char_data, tmp_path):
+    subprocess.run(train_command(tmp_path / "straight", char_data), cwd=REPO, check=True, capture_output=True)
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(train_command(killed, char_data), cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline:  # kill it while a save is in flight, past step 10
+        ckpts = killed / "checkpoints"
+        in_flight = ckpts.exists() and any(not p.name.isdigit() for p in ckpts.iterdir())
+        if in_flight and completed_steps(killed) and completed_steps(killed)[-1] >= 10:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.005)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    last = completed_steps(killed)[-1]
+    assert 10 <= last < 40
+    checkpoint.load_model(str(killed))  # the last complete checkpoint is usable on its own
+    subprocess.run(train_command(killed, char_data), cwd=REPO, check=True, capture_output=True)
+    a = nnx.state(checkpoint.load_model(str(tmp_path / "straight")), nnx.Param)
+    b = nnx.state(checkpoint.load_model(str(killed)), nnx.Param)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--config.no_such_field=1", "no_such_field"),
+    ("--config.max_steps=many", "max_steps"),
+])
+def test_bad_config_override_is_one_clear_error(override, message, tmp_path):
+    result = subprocess.run([sys.executable, "-m", "jaxgpt.train", "--config=configs/tiny.py",
+                             f"--workdir={tmp_path}", override], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_corrupt_shard_is_a_clear_error(char_data, tmp_path):
+    bad = tmp_path / "data"
+    bad.mkdir()
+    for name in ("tokenizer.json", "val_000000.bin"):
+        (bad / name).write_bytes((pathlib.Path(char_data) / name).read_bytes())
+    shard = (pathlib.Path(char_data) / "train_000000.bin").read_bytes()
+    (bad / "train_000000.bin").write_bytes(shard[: len(shard) // 2])  # truncated
+    with pytest.raises(ValueError, match="train_000000.bin.*truncated"):
+        train.train(make_config(**{"data.dir": str(bad)}), str(tmp_path / "w"))
+
+
+def test_missing_data_is_a_clear_error(tmp_path):
+    config = make_config(**{"data.dir": str(tmp_path / "empty"), "data.dataset": "text",
+                            "data.input": str(tmp_path / "nowhere.txt")})
+    with pytest.raises(FileNotFoundError, match="nowhere.txt"):
+        train.train(config, str(tmp_path / "w"))
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(char_data, tmp_path):
+    config = make_config(**{"data.dir": char_data, "optim.lr": 1e30, "optim.grad_clip": 0.0,
+                            "optim.warmup_steps": 0, "checkpoint_every": 1, "max_steps": 10})
+    with pytest.raises(FloatingPointError, match=r"at step \d+"):
+        train.train(config, str(tmp_path))
+    good = completed_steps(tmp_path)
+    model = checkpoint.load_model(str(tmp_path))
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(nnx.state(model, nnx.Param))), good
+
+
+@pytest.mark.slow
+def test_124m_config_runs_one_step_on_cpu(gpt2_data, tmp_path):
+    config = make_config("124m", **{"data.dir": gpt2_data, "batch_size": 1, "grad_accum_steps": 1,
+                                    "model.block_size": 256, "max_steps": 1, "eval_iters": 1,
+                                    "sample_tokens": 0, "optim.warmup_steps": 0, "optim.decay_steps": 10})
+    start = time.perf_counter()
+    state = train.train(config, str(tmp_path))
+    print(f"\n124m config, B=1, T=256: first step incl. compile, eval and checkpoint: "
+          f"{time.perf_counter() - start:.1f} s")
+    assert int(state.step) == 1
+    row = next(r for r in read_metrics(tmp_path) if "loss" in r)
+    assert 10.0 < row["loss"] < 11.5  # ln(50257) = 10.82 at init
+    assert json.loads((tmp_path / "checkpoints" / "1" / "config" / "metadata").read_text())["model"]["n_layer"] == 12
