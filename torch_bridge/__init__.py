@@ -56,7 +56,7 @@ def to_hf(model: GPT):
         raise ValueError("Hugging Face GPT-2 always has biases: export a bias=False model with to_nanogpt")
     no_eos = {} if c.n_valid_vocab > 50256 else dict(bos_token_id=None, eos_token_id=None)  # token 50256 is eos
     hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(
-        **convert.file_config(c, HF), embd_pdrop=c.dropout, attn_pdrop=0.0, **no_eos))  # jaxgpt: no attn dropout
+        **convert.export_config(c, HF), embd_pdrop=c.dropout, attn_pdrop=0.0, **no_eos))  # jaxgpt: no attn dropout
     hf.load_state_dict(convert.state_dict(model, HF), strict=True)
     return hf.eval()
 
@@ -71,6 +71,8 @@ def from_nanogpt(src, *, n_head: int | None = None, **overrides) -> GPT:
     """src: a nanoGPT ckpt.pt path, its loaded dict ({'model', 'model_args', ...}) or a bare state dict."""
     is_path = isinstance(src, (str, os.PathLike))
     ckpt, source = (convert.load_pickle(src), str(src)) if is_path else (src, "nanoGPT checkpoint")
+    if not isinstance(ckpt, Mapping):
+        raise ValueError(f"{source}: expected a nanoGPT checkpoint dict or state dict, got {type(ckpt).__name__}")
     sd, model_args = (ckpt["model"], ckpt.get("model_args")) if "model" in ckpt else (ckpt, None)
     stored = {k: v for k, v in (ckpt.get("config") or {}).items() if k == "valid_vocab_size"}  # see to_nanogpt
     config = convert.make_config(NANOGPT, model_args, sd, source, n_head, {**stored, **overrides})
@@ -83,7 +85,7 @@ def to_nanogpt(model: GPT, path: str) -> str:
     c = model.config
     if c.layer_norm_epsilon != 1e-5:
         raise ValueError(f"nanoGPT fixes layer_norm_epsilon at 1e-5; this model uses {c.layer_norm_epsilon}")
-    torch.save({"model": convert.state_dict(model, NANOGPT), "model_args": convert.file_config(c, NANOGPT),
+    torch.save({"model": convert.state_dict(model, NANOGPT), "model_args": convert.export_config(c, NANOGPT),
                 "iter_num": 0, "best_val_loss": float("inf"), "config": {"valid_vocab_size": c.valid_vocab_size}},
                path)
     return path

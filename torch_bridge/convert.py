@@ -38,7 +38,7 @@ def vocab_rows(config: GPTConfig, fmt: m.Format) -> int:
     return config.vocab_size if fmt.keeps_padded_vocab else config.n_valid_vocab
 
 
-def file_config(config: GPTConfig, fmt: m.Format) -> dict:
+def export_config(config: GPTConfig, fmt: m.Format) -> dict:
     """The format's config entries for a jaxgpt config (the inverse of make_config)."""
     return {**{theirs: getattr(config, ours) for ours, theirs in fmt.config_fields.items()},
             "vocab_size": vocab_rows(config, fmt)}
@@ -52,18 +52,18 @@ def canonical_keys(state_dict) -> dict:
     return {canonical(key): value for key, value in state_dict.items()}
 
 
-def make_config(fmt: m.Format, file_config: dict | None, state_dict, source: str, n_head: int | None,
+def make_config(fmt: m.Format, their_config: dict | None, state_dict, source: str, n_head: int | None,
                 overrides: dict) -> GPTConfig:
     """GPTConfig from the format's config (or, when there is none, the state dict's shapes); overrides win."""
-    if file_config is None:
+    if their_config is None:
         fields, n_vocab = infer_fields(state_dict, n_head)
     else:
-        if missing := [k for k in [*fmt.config_fields.values(), "vocab_size"] if k not in file_config]:
+        if missing := [k for k in [*fmt.config_fields.values(), "vocab_size"] if k not in their_config]:
             raise ValueError(f"{source}: its model config lacks {missing}")
-        if wrong := {k: file_config[k] for k, ok in fmt.requires.items() if file_config.get(k, ok[0]) not in ok}:
+        if wrong := {k: their_config[k] for k, ok in fmt.requires.items() if their_config.get(k, ok[0]) not in ok}:
             raise ValueError(f"{source}: a GPT-2 variant jaxgpt does not implement: {wrong}")
-        fields = {ours: file_config[theirs] for ours, theirs in fmt.config_fields.items()}
-        n_vocab = file_config["vocab_size"]
+        fields = {ours: their_config[theirs] for ours, theirs in fmt.config_fields.items()}
+        n_vocab = their_config["vocab_size"]
 
     def padded(n):
         return -(-n // m.VOCAB_MULTIPLE) * m.VOCAB_MULTIPLE
