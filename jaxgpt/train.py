@@ -202,7 +202,9 @@ class Trainer:
         c = self.config
         m = nnx.merge(self.graphdef, params)
         prompt = self.tokenizer.encode(c.sample_prompt) or [self.tokenizer.eot or 0]
-        out = generate.generate(m, [prompt], max_new_tokens=c.sample_tokens, temperature=0.8, top_k=200,
+        prompt = prompt[-self.model_config.block_size // 2:]
+        new_tokens = min(c.sample_tokens, self.model_config.block_size - len(prompt))  # the KV cache holds one block
+        out = generate.generate(m, [prompt], max_new_tokens=new_tokens, temperature=0.8, top_k=200,
                                 seed=c.seed, eot_id=self.tokenizer.eot)
         return self.tokenizer.decode(prompt + out[0])
 
@@ -325,8 +327,9 @@ def parse_flags(argv):
     except flags.Error as e:
         sys.exit(f"FATAL Flags parsing error: {e}")
     except (AttributeError, KeyError) as e:
-        bad = [a for a in argv[1:] if a.startswith(("--config.", "-config.")) and str(e).strip("'\"") in a]
-        sys.exit(f"FATAL Flags parsing error: unknown config field {str(e).strip(chr(34) + chr(39))!r} in {' '.join(bad) or argv[1:]}; "
+        field = str(e).strip("'\"")
+        bad = [a for a in argv[1:] if a.startswith(("--config.", "-config.")) and field in a]
+        sys.exit(f"FATAL Flags parsing error: unknown config field {field!r} in {' '.join(bad) or argv[1:]}; "
                  "every field is listed in configs/base.py")
 
 
