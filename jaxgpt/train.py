@@ -81,6 +81,43 @@ def eval_step(params, batch, *, graphdef):
     return loss_fn(params, graphdef, batch["inputs"], batch["targets"], None)
 
 
+@dataclasses.dataclass(frozen=True)
+class Steps:
+    """The jitted, sharded step functions of one (config, model, mesh), with what they need to be called."""
+    graphdef: nnx.GraphDef
+    n_params: int
+    tx: optax.GradientTransformation
+    state_sharding: TrainState  # a NamedSharding per leaf
+    abstract_state: TrainState  # ShapeDtypeStructs carrying those shardings: restore targets
+    train_step: Any  # (state, batch of (accum, B, T)) -> (state, metrics); donates state
+    eval_step: Any  # (params, batch of (B, T)) -> mean loss
+
+
+def make_steps(config: ConfigDict, model_config: model.GPTConfig, mesh) -> Steps:
+    schedule = optim.learning_rate_schedule(config.optim, config.max_steps)
+    tx = optim.make_optimizer(config.optim, config.max_steps)
+    abstract_model = nnx.eval_shape(lambda: model.build(model_config, config.seed))
+    graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
+    params_sharding = sharding.param_shardings(abstract_params, mesh)
+    abstract_opt = jax.eval_shape(tx.init, abstract_params)
+    rep = sharding.replicated(mesh)
+    state_sharding = TrainState(step=rep, params=params_sharding, rng=rep,
+                                opt_state=sharding.optimizer_shardings(tx, abstract_opt, params_sharding, mesh))
+    abstract_state = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=abstract_params,
+                                opt_state=abstract_opt, rng=jax.ShapeDtypeStruct((2,), jnp.uint32))
+    abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                  abstract_state, state_sharding)
+    step = functools.partial(train_step, graphdef=graphdef, tx=tx, schedule=schedule,
+                             use_dropout=model_config.dropout > 0)
+    return Steps(
+        graphdef=graphdef, n_params=sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_params)), tx=tx,
+        state_sharding=state_sharding, abstract_state=abstract_state,
+        train_step=jax.jit(step, in_shardings=(state_sharding, sharding.batch_sharding(mesh, ndim=3, batch_axis=1)),
+                           out_shardings=(state_sharding, rep), donate_argnums=0),
+        eval_step=jax.jit(functools.partial(eval_step, graphdef=graphdef),
+                          in_shardings=(params_sharding, sharding.batch_sharding(mesh)), out_shardings=rep))
+
+
 class Trainer:
     """Holds what the loop needs: the mesh, compiled steps, shardings, checkpoint manager and data."""
 
@@ -91,30 +128,7 @@ class Trainer:
         self.model_config = self._model_config()
         self.mesh = sharding.make_mesh(config.mesh)
         self._check_batch()
-        self.schedule = optim.learning_rate_schedule(config.optim, config.max_steps)
-        self.tx = optim.make_optimizer(config.optim, config.max_steps)
-
-        abstract_model = nnx.eval_shape(lambda: model.build(self.model_config, config.seed))
-        self.graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
-        self.n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_params))
-        params_sharding = sharding.param_shardings(abstract_params, self.mesh)
-        abstract_opt = jax.eval_shape(self.tx.init, abstract_params)
-        rep = sharding.replicated(self.mesh)
-        self.state_sharding = TrainState(
-            step=rep, params=params_sharding, rng=rep,
-            opt_state=sharding.optimizer_shardings(self.tx, abstract_opt, params_sharding, self.mesh))
-        abstract_state = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=abstract_params,
-                                    opt_state=abstract_opt, rng=jax.ShapeDtypeStruct((2,), jnp.uint32))
-        self.abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                           abstract_state, self.state_sharding)
-
-        step = functools.partial(train_step, graphdef=self.graphdef, tx=self.tx, schedule=self.schedule,
-                                 use_dropout=self.model_config.dropout > 0)
-        batch_sharding = sharding.batch_sharding(self.mesh, ndim=3, batch_axis=1)
-        self.train_step = jax.jit(step, in_shardings=(self.state_sharding, batch_sharding),
-                                  out_shardings=(self.state_sharding, rep), donate_argnums=0)
-        self.eval_step = jax.jit(functools.partial(eval_step, graphdef=self.graphdef),
-                                 in_shardings=(params_sharding, sharding.batch_sharding(self.mesh)), out_shardings=rep)
+        self.steps = make_steps(config, self.model_config, self.mesh)
 
         local_batch = config.batch_size // jax.process_count()
         self.train_data = iter(data.make_dataset(
@@ -162,23 +176,23 @@ class Trainer:
         latest = self.manager.latest_step()
         if latest is not None:
             params, items = checkpoint.restore_training(
-                self.manager, latest, params=self.abstract_state.params,
-                train=self.abstract_state.train_items(), data_iterator=self.train_data)
+                self.manager, latest, params=self.steps.abstract_state.params,
+                train=self.steps.abstract_state.train_items(), data_iterator=self.train_data)
             log(self.is_main, f"resumed from {self.workdir} at step {latest}")
             return TrainState(params=params, **items), latest
         if self.config.init_from == "resume":
             raise FileNotFoundError(f"init_from='resume' but {self.workdir} has no checkpoint to resume from")
         if self.config.init_from == "scratch":
             params = jax.jit(lambda: nnx.state(model.build(self.model_config, self.config.seed), nnx.Param),
-                             out_shardings=self.state_sharding.params)()
+                             out_shardings=self.steps.state_sharding.params)()
         elif self.config.init_from.startswith(("hf:", "nanogpt:", "ckpt:")):
-            params = jax.device_put(nnx.state(self._pretrained(), nnx.Param), self.state_sharding.params)
+            params = jax.device_put(nnx.state(self._pretrained(), nnx.Param), self.steps.state_sharding.params)
         else:
             raise ValueError(f"init_from={self.config.init_from!r}: expected scratch, resume, hf:DIR, "
                              "nanogpt:FILE or ckpt:DIR")
-        opt_state = jax.jit(self.tx.init, out_shardings=self.state_sharding.opt_state)(params)
-        rng = jax.device_put(jax.random.PRNGKey(self.config.seed + 1), self.state_sharding.rng)
-        step = jax.device_put(jnp.zeros((), jnp.int32), self.state_sharding.step)
+        opt_state = jax.jit(self.steps.tx.init, out_shardings=self.steps.state_sharding.opt_state)(params)
+        rng = jax.device_put(jax.random.PRNGKey(self.config.seed + 1), self.steps.state_sharding.rng)
+        step = jax.device_put(jnp.zeros((), jnp.int32), self.steps.state_sharding.step)
         return TrainState(step=step, params=params, opt_state=opt_state, rng=rng), 0
 
     def next_batch(self):
@@ -188,7 +202,7 @@ class Trainer:
         return sharding.host_batch_to_global(stacked, self.mesh, batch_axis=1)
 
     def evaluate(self, params) -> float:
-        losses = [self.eval_step(params, sharding.host_batch_to_global(b, self.mesh)) for b in self.val_batches]
+        losses = [self.steps.eval_step(params, sharding.host_batch_to_global(b, self.mesh)) for b in self.val_batches]
         return float(np.mean(jax.device_get(losses)))
 
     def save(self, state: TrainState, step: int, val_loss=None):
@@ -200,7 +214,7 @@ class Trainer:
     def sample(self, params) -> str:
         from jaxgpt import generate
         c = self.config
-        m = nnx.merge(self.graphdef, params)
+        m = nnx.merge(self.steps.graphdef, params)
         prompt = self.tokenizer.encode(c.sample_prompt) or [self.tokenizer.eot or 0]
         prompt = prompt[-self.model_config.block_size // 2:]
         new_tokens = min(c.sample_tokens, self.model_config.block_size - len(prompt))  # the KV cache holds one block
@@ -233,10 +247,10 @@ def train(config: ConfigDict, workdir: str) -> TrainState:
     state, start = t.initial_state()
     mc = t.model_config
     tokens_per_step = config.batch_size * config.grad_accum_steps * mc.block_size
-    n_wpe = mc.block_size * mc.n_embd
-    flops_per_step = metrics.flops_per_token(t.n_params, n_wpe, mc.n_layer, mc.block_size, mc.n_embd) * tokens_per_step
+    flops_per_step = tokens_per_step * metrics.flops_per_token(
+        t.steps.n_params, mc.block_size * mc.n_embd, mc.n_layer, mc.block_size, mc.n_embd)
     peak = metrics.peak_flops_per_device(config.peak_flops)
-    log(t.is_main, f"model: {t.n_params / 1e6:.2f}M parameters, {mc}")
+    log(t.is_main, f"model: {t.steps.n_params / 1e6:.2f}M parameters, {mc}")
     log(t.is_main, f"mesh: {dict(t.mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} devices, "
                    f"{jax.process_count()} process(es); {tokens_per_step:,} tokens per step")
     writer = metrics.MetricWriter(workdir, config, enabled=t.is_main)
@@ -259,7 +273,7 @@ def train(config: ConfigDict, workdir: str) -> TrainState:
 
     try:
         for step in range(start, config.max_steps):
-            state, step_metrics = t.train_step(state, t.next_batch())
+            state, step_metrics = t.steps.train_step(state, t.next_batch())
             if pending is not None:
                 check_finite(*pending)
             pending = (step + 1, step_metrics)
@@ -308,16 +322,19 @@ flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for a 
                     "cannot detect by itself (SLURM, Open MPI and Kubernetes are detected).")
 flags.DEFINE_integer("num_processes", None, "Processes in a multi-process launch.")
 flags.DEFINE_integer("process_id", None, "This process's index in a multi-process launch.")
+flags.DEFINE_integer("heartbeat_timeout", 60, "Seconds without a heartbeat after which a multi-process run "
+                     "declares a peer dead and every process exits with an error (instead of hanging).")
 
 
 def maybe_initialize_distributed():
     """jax.distributed for multi-process launches: explicit flags, or the cluster environment JAX detects."""
     if FLAGS.coordinator_address or FLAGS.num_processes:
         jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
-                                   num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
+                                   num_processes=FLAGS.num_processes, process_id=FLAGS.process_id,
+                                   heartbeat_timeout_seconds=FLAGS.heartbeat_timeout)
     elif any(int(os.environ.get(v, "1")) > 1 for v in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")) or \
             os.environ.get("JAX_COORDINATOR_ADDRESS"):
-        jax.distributed.initialize()
+        jax.distributed.initialize(heartbeat_timeout_seconds=FLAGS.heartbeat_timeout)
 
 
 def parse_flags(argv):

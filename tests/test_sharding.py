@@ -1,0 +1,104 @@
+"""Scale-out on CPU devices: every mesh computes what one device does; checkpoints restore across meshes;
+two jax.distributed processes match one process; a dead peer ends the run in bounded time."""
+import json
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from jaxgpt import prepare
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
+STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    text = tmp_path_factory.mktemp("text") / "shakespeare_100k.txt"
+    text.write_text(SHAKESPEARE.read_text()[:100_000])
+    return prepare.prepare(str(tmp_path_factory.mktemp("char")), dataset="text", input=str(text), tokenizer="char")
+
+
+def worker(jobs, devices, *distributed, background=False):
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+    command = [sys.executable, "tests/mesh_worker.py", json.dumps(jobs), *map(str, distributed)]
+    if background:
+        return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True)
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+def job(tmp, name, data_dir, mesh, max_steps=STEPS, workdir=None):
+    return dict(workdir=str(tmp / (workdir or name)), data_dir=data_dir, mesh=mesh, max_steps=max_steps,
+                out=str(tmp / f"{name}.npz"))
+
+
+def assert_same_run(a, b, atol=1e-5):
+    a, b = np.load(a), np.load(b)
+    assert sorted(a.files) == sorted(b.files)
+    np.testing.assert_allclose(a["losses"], b["losses"], rtol=0, atol=atol)
+    for key in a.files:
+        np.testing.assert_allclose(a[key], b[key], rtol=0, atol=atol, err_msg=key)
+
+
+MESHES = {"data8": [8, 1, 1], "data2_fsdp4": [2, 4, 1], "data2_fsdp2_tensor2": [2, 2, 2], "tensor4": [2, 1, 4]}
+
+
+@pytest.mark.slow
+def test_every_mesh_and_resharded_restores_match_one_device(data_dir, tmp_path):
+    half = STEPS // 2
+    worker([job(tmp_path, name, data_dir, mesh) for name, mesh in MESHES.items()] + [
+        # a checkpoint saved on one mesh continues on another mesh ...
+        job(tmp_path, "first_half", data_dir, [2, 2, 2], half, workdir="remeshed"),
+        job(tmp_path, "remeshed", data_dir, [1, 4, 2]),
+        job(tmp_path, "first_half_for_one", data_dir, [2, 2, 2], half, workdir="to_one_device"),
+    ], devices=8)
+    # ... and on a single device
+    worker([job(tmp_path, "one_device", data_dir, [1, 1, 1]), job(tmp_path, "to_one_device", data_dir, [1, 1, 1])],
+           devices=1)
+    for name in [*MESHES, "remeshed", "to_one_device"]:
+        assert_same_run(tmp_path / "one_device.npz", tmp_path / f"{name}.npz")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process(data_dir, tmp_path):
+    jobs = [job(tmp_path, "two_processes", data_dir, [-1, 1, 1])]
+    address = f"127.0.0.1:{free_port()}"
+    procs = [worker(jobs, 2, address, 2, i, background=True) for i in range(2)]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outputs)
+    worker([job(tmp_path, "one_process", data_dir, [-1, 1, 1])], devices=4)
+    assert_same_run(tmp_path / "one_process.npz", tmp_path / "two_processes.npz")
+    assert (tmp_path / "two_processes" / "checkpoints" / str(STEPS)).is_dir()
+
+
+@pytest.mark.slow
+def test_a_dead_process_ends_the_other_in_bounded_time(data_dir, tmp_path):
+    jobs = [job(tmp_path, "doomed", data_dir, [-1, 1, 1], max_steps=100_000)]
+    address = f"127.0.0.1:{free_port()}"
+    survivor, victim = (worker(jobs, 2, address, 2, i, background=True) for i in range(2))
+    log = []
+    for line in survivor.stdout:  # wait until the two train together
+        log.append(line)
+        if line.startswith("step 3:"):
+            break
+    victim.send_signal(signal.SIGKILL)
+    killed_at = time.time()
+    rest, _ = survivor.communicate(timeout=120)
+    assert survivor.returncode != 0
+    assert time.time() - killed_at < 60
+    assert "another task died" in rest or "unhealthy" in rest, "".join(log)[-2000:] + rest[-3000:]
