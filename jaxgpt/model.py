@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxgpt import sharding
+
 PRESETS = {  # name -> (n_layer, n_head, n_embd), the four released GPT-2 sizes
     "gpt2": dict(n_layer=12, n_head=12, n_embd=768),
     "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),
@@ -171,7 +173,7 @@ class Block(nnx.Module):
         y, cache = self.attn(self.ln_1(x), cache)
         x = x + dropout(y, self.rate, k1)
         x = x + dropout(self.mlp(self.ln_2(x)), self.rate, k2)
-        return x, cache
+        return sharding.constrain(x, ("batch", None, None)), cache  # residual stream split by batch only
 
 
 class GPT(nnx.Module):
@@ -202,7 +204,7 @@ class GPT(nnx.Module):
             positions = jnp.arange(T)[None]  # (1, T)
         keys = jax.random.split(rng, cfg.n_layer + 1) if rng is not None else [None] * (cfg.n_layer + 1)
         x = (self.wte(idx) + self.wpe(positions)).astype(cfg.dtype)  # (B, T, C)
-        x = dropout(x, cfg.dropout, keys[0])
+        x = sharding.constrain(dropout(x, cfg.dropout, keys[0]), ("batch", None, None))
         x, cache = self.blocks(x, None if rng is None else keys[1:], cache)
         return self.logits(self.ln_f(x)), cache
 

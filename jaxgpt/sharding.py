@@ -53,6 +53,15 @@ def spec_for(logical_axes, shape, mesh: Mesh) -> PartitionSpec:
     return PartitionSpec(*spec)
 
 
+def constrain(x, logical_axes):
+    """Pins an activation's layout by logical names inside a jitted step traced under `jax.set_mesh(mesh)`;
+    a no-op without a mesh (a model used on its own)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec_for(logical_axes, x.shape, mesh)))
+
+
 def param_shardings(params: nnx.State, mesh: Mesh):
     """NamedShardings for an nnx.State of parameters (arrays or ShapeDtypeStructs), from their logical axes."""
     def one(variable):

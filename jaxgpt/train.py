@@ -93,6 +93,14 @@ class Steps:
     eval_step: Any  # (params, batch of (B, T)) -> mean loss
 
 
+def under_mesh(mesh, fn):
+    """fn traced with `mesh` as the current mesh, so the model's activation constraints apply."""
+    def traced(*args, **kwargs):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return fn(*args, **kwargs)
+    return traced
+
+
 def make_steps(config: ConfigDict, model_config: model.GPTConfig, mesh) -> Steps:
     schedule = optim.learning_rate_schedule(config.optim, config.max_steps)
     tx = optim.make_optimizer(config.optim, config.max_steps)
@@ -107,14 +115,14 @@ def make_steps(config: ConfigDict, model_config: model.GPTConfig, mesh) -> Steps
                                 opt_state=abstract_opt, rng=jax.ShapeDtypeStruct((2,), jnp.uint32))
     abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                   abstract_state, state_sharding)
-    step = functools.partial(train_step, graphdef=graphdef, tx=tx, schedule=schedule,
-                             use_dropout=model_config.dropout > 0)
+    step = under_mesh(mesh, functools.partial(train_step, graphdef=graphdef, tx=tx, schedule=schedule,
+                                              use_dropout=model_config.dropout > 0))
     return Steps(
         graphdef=graphdef, n_params=sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_params)), tx=tx,
         state_sharding=state_sharding, abstract_state=abstract_state,
         train_step=jax.jit(step, in_shardings=(state_sharding, sharding.batch_sharding(mesh, ndim=3, batch_axis=1)),
                            out_shardings=(state_sharding, rep), donate_argnums=0),
-        eval_step=jax.jit(functools.partial(eval_step, graphdef=graphdef),
+        eval_step=jax.jit(under_mesh(mesh, functools.partial(eval_step, graphdef=graphdef)),
                           in_shardings=(params_sharding, sharding.batch_sharding(mesh)), out_shardings=rep))
 
 
