@@ -1,0 +1,167 @@
+"""Generation against Hugging Face's GPT2LMHeadModel.generate, the KV cache against a full forward, sampling sets."""
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+import torch_bridge
+from jaxgpt import checkpoint, generate
+from jaxgpt.model import GPTConfig, build
+
+EOT = 50256
+PROMPTS = [[464, 2068, 7586, 21831, 18045, 625, 262, 16931, 3290, 13, 198], [15496, 11, 995]]  # 11 and 3 tokens
+
+
+@pytest.fixture(scope="module")
+def hf_model(make_hf_gpt2):
+    # GPT-2's vocabulary (the bridge pads it to 50304 rows); a wide init makes greedy choices far from ties
+    return make_hf_gpt2(vocab_size=50257, bos_token_id=EOT, eos_token_id=EOT, initializer_range=0.3)
+
+
+@pytest.fixture(scope="module")
+def model(hf_model):
+    return torch_bridge.from_hf(hf_model)
+
+
+def hf_greedy(hf_model, prompt, max_new_tokens=64):
+    out = hf_model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                            do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=EOT)
+    return generate._until_eot(out[0, len(prompt):].tolist(), EOT)
+
+
+def test_greedy_matches_hf_alone_and_batched(hf_model, model):
+    assert model.config.vocab_size > model.config.n_valid_vocab  # padded vocab rows are in play
+    expected = [hf_greedy(hf_model, p) for p in PROMPTS]
+    assert all(len(e) > 8 for e in expected)
+    for prompt, want in zip(PROMPTS, expected):
+        assert generate.generate(model, [prompt], max_new_tokens=64, temperature=0, eot_id=EOT) == [want]
+    for loop in ("python", "device"):
+        got = generate.generate(model, PROMPTS, max_new_tokens=64, temperature=0, eot_id=EOT, loop=loop)
+        assert got == expected, loop
+
+
+def test_scan_layers_model_generates_the_same(hf_model, model):
+    scanned = torch_bridge.from_hf(hf_model, scan_layers=True)
+    assert scanned.config.scan_layers
+    want = generate.generate(model, PROMPTS, max_new_tokens=32, temperature=0)
+    for loop in ("python", "device"):
+        assert generate.generate(scanned, PROMPTS, max_new_tokens=32, temperature=0, loop=loop) == want
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_cached_logits_equal_full_forward(hf_model, scan_layers):
+    model = torch_bridge.from_hf(hf_model, scan_layers=scan_layers)
+    forward = nnx.jit(lambda model, ids, cache, positions: model(ids, cache=cache, positions=positions))
+    rng = np.random.default_rng(0)
+    extra = rng.integers(0, 50257, size=(2, 6)).astype(np.int32)  # tokens fed one at a time after the prompts
+    ids, start = generate.left_pad(PROMPTS, 16)
+    cache = generate.init_cache(model.config, jnp.asarray(start), 32)
+    positions = np.maximum(np.arange(16)[None] - start[:, None], 0)
+    prefill_logits, cache = forward(model, jnp.asarray(ids), cache, jnp.asarray(positions))
+    step_logits = []
+    for i in range(extra.shape[1]):
+        logits, cache = forward(model, jnp.asarray(extra[:, i:i + 1]), cache, jnp.asarray(16 + i - start[:, None]))
+        step_logits.append(np.asarray(logits[:, 0]))
+    valid = model.config.n_valid_vocab
+    for row, prompt in enumerate(PROMPTS):
+        full, _ = forward(model, jnp.asarray([prompt + extra[row].tolist()]), None, None)  # no cache, no padding
+        full = np.asarray(full[0, :, :valid])
+        np.testing.assert_allclose(np.asarray(prefill_logits[row, start[row]:, :valid]), full[:len(prompt)],
+                                   rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(np.stack(step_logits)[:, row, :valid], full[len(prompt):], rtol=1e-5, atol=1e-5)
+
+
+def test_stops_per_row_at_end_of_text(model):
+    free = generate.generate(model, PROMPTS, max_new_tokens=24, temperature=0)
+    stop = free[0][5]  # make row 0's sixth token the end-of-text token
+    for loop in ("python", "device"):
+        got = generate.generate(model, PROMPTS, max_new_tokens=24, temperature=0, eot_id=stop, loop=loop)
+        assert got == [generate._until_eot(row, stop) for row in free], loop
+    assert len(got[0]) <= 5 and len(got[1]) == len(generate._until_eot(free[1], stop))
+
+
+def sampler_sets(logits, temperature, top_k, top_p):
+    """Reference allowed sets per row, from numpy: temperature, then top-k, then the smallest top-p prefix."""
+    sets = []
+    for row in np.asarray(logits, np.float64) / temperature:
+        order = np.argsort(-row)
+        if top_k is not None:
+            order = order[:top_k]
+        p = np.exp(row[order] - row[order].max())
+        p /= p.sum()
+        n = len(order) if top_p is None else int(np.searchsorted(np.cumsum(p), top_p) + 1)
+        sets.append(set(order[:n].tolist()))
+    return sets
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 5, None), (0.7, None, 0.6), (1.5, 40, 0.9),
+                                                     (1.0, None, 0.3)])
+def test_top_k_top_p_only_sample_inside_their_sets(temperature, top_k, top_p):
+    logits = 1.5 * jax.random.normal(jax.random.key(1), (3, 300))
+    logits = logits.at[:, 250:].set(-jnp.inf)  # padded vocabulary rows
+    sampler = generate.Sampler(temperature, top_k, top_p)
+    keys = jax.random.split(jax.random.key(2), 3000)
+    draws = np.asarray(jax.vmap(lambda k: sampler(logits, k))(keys))  # (draws, rows)
+    kept = np.isfinite(np.asarray(sampler.filter(logits)))  # (rows, 300)
+    for row, allowed in enumerate(sampler_sets(logits[:, :250], temperature, top_k, top_p)):
+        assert set(np.flatnonzero(kept[row]).tolist()) == allowed
+        seen = set(draws[:, row].tolist())
+        assert seen <= allowed, (row, sorted(seen - allowed))
+        assert len(seen) >= min(len(allowed), 3) and len(allowed) > 1  # the draws explore the set
+
+
+def test_seed_reproducible_and_padded_vocab_never_sampled():
+    config = GPTConfig(vocab_size=128, valid_vocab_size=100, block_size=128, n_layer=2, n_head=2, n_embd=32)
+    model = build(config, seed=3)
+    prompts, kwargs = [[4, 8, 15, 16, 23, 42], [99]], dict(max_new_tokens=100, temperature=3.0)  # flat sampling
+    a = generate.generate(model, prompts, seed=7, **kwargs)
+    assert a == generate.generate(model, prompts, seed=7, **kwargs)
+    assert a == generate.generate(model, prompts, seed=7, loop="python", **kwargs)
+    assert a != generate.generate(model, prompts, seed=8, **kwargs)
+    tokens = np.array(a)
+    assert tokens.max() < 100 and len(set(tokens.ravel().tolist())) > 60
+
+
+def test_no_recompilation_per_token_or_prompt_length(model):
+    first = dict(generate.trace_counts)
+    generate.generate(model, [[1, 2, 3]], max_new_tokens=20, temperature=0.8, top_k=50, seed=0, loop="python")
+    before = dict(generate.trace_counts)
+    assert before["decode_step"] == first.get("decode_step", 0) + 1  # 19 steps, one trace
+    # prompt lengths 9 and 13 share bucket 16; 20 + 16 and 40 + 16 new tokens share a 64-slot cache
+    for prompt, n in (([5] * 9, 40), ([6] * 13, 20), ([7, 8] * 5, 33)):
+        generate.generate(model, [prompt], max_new_tokens=n, temperature=0.8, top_k=50, seed=1, loop="python")
+    assert dict(generate.trace_counts) == before
+
+
+def test_rejects_bad_requests(model):
+    with pytest.raises(ValueError, match="block_size"):
+        generate.generate(model, [[1] * 100], max_new_tokens=64)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        generate.generate(model, [[50300]], max_new_tokens=4)
+    with pytest.raises(ValueError, match="at least one token"):
+        generate.generate(model, [[]], max_new_tokens=4)
+    with pytest.raises(ValueError, match="top_p"):
+        generate.generate(model, [[1]], max_new_tokens=4, top_p=1.5)
+
+
+def test_sample_cli_interactive(tmp_path, model):
+    model_dir = checkpoint.save_model(model, str(tmp_path / "model"))
+    cmd = [sys.executable, "-m", "jaxgpt.sample", f"--ckpt={model_dir}", "--interactive", "--max_new_tokens=12",
+           "--temperature=0", "--num_samples=2"]
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
+    done = subprocess.run(cmd, input="The quick brown fox\nHello\nexit\nnever read\n", capture_output=True,
+                          text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr
+    from jaxgpt.tokenizer import get_tokenizer
+    tok = get_tokenizer("gpt2")
+    for prompt in ("The quick brown fox", "Hello"):
+        continuation = tok.decode(generate.generate(model, [tok.encode(prompt)], max_new_tokens=12, temperature=0,
+                                                    eot_id=EOT)[0])
+        assert done.stdout.count(prompt + continuation + "\n") == 2  # greedy: both samples are the same
+    assert "never read" not in done.stdout and done.stdout.count("prompt> ") == 3
