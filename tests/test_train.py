@@ -167,3 +167,16 @@ def test_124m_config_runs_one_step_on_cpu(gpt2_data, tmp_path):
     row = next(r for r in read_metrics(tmp_path) if "loss" in r)
     assert 10.0 < row["loss"] < 11.5  # ln(50257) = 10.82 at init
     assert json.loads((tmp_path / "checkpoints" / "1" / "config" / "metadata").read_text())["model"]["n_layer"] == 12
+
+
+def test_finetune_starts_from_hugging_face_weights(gpt2_data, tmp_path, make_hf_gpt2):
+    import torch_bridge
+    hf_dir = tmp_path / "hf"
+    make_hf_gpt2(vocab_size=50257, n_positions=64).save_pretrained(hf_dir)
+    config = make_config(**{"data.dir": gpt2_data, "init_from": f"hf:{hf_dir}", "max_steps": 1,
+                            "optim.lr": 0.0, "optim.warmup_steps": 0, "sample_tokens": 0})
+    state = train.train(config, str(tmp_path / "w"))  # lr 0: the one step leaves the weights as imported
+    expected = nnx.state(torch_bridge.from_hf(str(hf_dir)), nnx.Param)
+    for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(state.params), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert checkpoint.load_model(str(tmp_path / "w")).config.n_embd == 64
