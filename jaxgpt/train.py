@@ -68,9 +68,14 @@ def train_step(state: TrainState, batch, *, graphdef, tx, schedule, use_dropout:
         loss, grads = grad_fn(state.params, graphdef, inputs, targets, key if use_dropout else None)
         return jax.tree.map(jnp.add, grad_sum, grads), loss
 
-    zeros = jax.tree.map(jnp.zeros_like, state.params)
-    grads, losses = jax.lax.scan(micro_step, zeros, (batch["inputs"], batch["targets"], keys))
-    grads = jax.tree.map(lambda g: g / n_micro, grads)
+    if n_micro == 1:  # no scan: a one-trip loop keeps XLA from fusing across it and costs an extra grads copy
+        loss, grads = grad_fn(state.params, graphdef, batch["inputs"][0], batch["targets"][0],
+                              keys[0] if use_dropout else None)
+        losses = loss[None]
+    else:
+        zeros = jax.tree.map(jnp.zeros_like, state.params)
+        grads, losses = jax.lax.scan(micro_step, zeros, (batch["inputs"], batch["targets"], keys))
+        grads = jax.tree.map(lambda g: g / n_micro, grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                               opt_state=opt_state, rng=rng)
