@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 
 from jaxgpt import checkpoint, generate, tokenizer
 from jaxgpt.model import GPT
@@ -86,6 +86,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
     f = flags.FLAGS
+    logging.set_verbosity(logging.WARNING)  # keep the terminal for the text (orbax logs every restore)
     model = load_model(f.ckpt, f.hf)
     tok = load_tokenizer(f.tokenizer, model)
     settings = dict(num_samples=f.num_samples, seed=f.seed, max_new_tokens=f.max_new_tokens,
@@ -97,6 +98,7 @@ def main(argv):
         try:
             text = input("prompt> ")
         except EOFError:
+            print()
             break
         if text.strip() == "exit":
             break

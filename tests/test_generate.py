@@ -1,4 +1,5 @@
 """Generation against Hugging Face's GPT2LMHeadModel.generate, the KV cache against a full forward, sampling sets."""
+import io
 import os
 import subprocess
 import sys
@@ -165,3 +166,25 @@ def test_sample_cli_interactive(tmp_path, model):
                                                     eot_id=EOT)[0])
         assert done.stdout.count(prompt + continuation + "\n") == 2  # greedy: both samples are the same
     assert "never read" not in done.stdout and done.stdout.count("prompt> ") == 3
+
+
+def test_sample_helpers(tmp_path, hf_model, model):
+    from jaxgpt import sample
+    from jaxgpt.tokenizer import get_tokenizer
+    (tmp_path / "prompt.txt").write_text("Once upon a time\n", encoding="utf-8")
+    assert sample.read_prompt(f"FILE:{tmp_path / 'prompt.txt'}") == "Once upon a time\n"
+    assert sample.read_prompt("plain text") == "plain text"
+    tok = get_tokenizer("gpt2")
+    assert sample.encode_prompt(tok, "") == [EOT]
+    ids = tok.encode("naïve 🦙 鼹鼠 done")
+    assert any("\ufffd" in tok.decode([t]) for t in ids)  # some characters span several tokens
+    out = io.StringIO()
+    stream = sample.TextStream(tok, out)
+    for t in ids:
+        stream(0, t)
+        assert "\ufffd" not in out.getvalue()
+    assert out.getvalue() == "naïve 🦙 鼹鼠 done"
+    hf_dir = torch_bridge.save_hf(model, str(tmp_path / "hf"))
+    from_hf_dir = sample.load_model(None, hf_dir)
+    assert generate.generate(from_hf_dir, PROMPTS, max_new_tokens=8, temperature=0) == generate.generate(
+        model, PROMPTS, max_new_tokens=8, temperature=0)
