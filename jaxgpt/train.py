@@ -153,6 +153,9 @@ class Trainer:
             n_batches=config.eval_iters, seed=config.seed, process_index=jax.process_index(),
             process_count=jax.process_count())
         self.manager = checkpoint.checkpoint_manager(workdir, keep=config.keep_checkpoints)
+        if config.hellaswag_file:  # a missing or malformed file fails now, not at the first evaluation
+            from jaxgpt import evaluate
+            evaluate.read_hellaswag(config.hellaswag_file, config.hellaswag_limit or None)
 
     def _model_config(self) -> model.GPTConfig:
         source = self.config.init_from
@@ -223,6 +226,11 @@ class Trainer:
             self.manager, step, params=state.params, train=state.train_items(), data_iterator=self.train_data,
             config={"model": dataclasses.asdict(self.model_config), "train": self.config.to_dict()},
             val_loss=val_loss)
+
+    def hellaswag(self, params) -> dict:
+        from jaxgpt import evaluate
+        return evaluate.hellaswag_eval(nnx.merge(self.steps.graphdef, params), self.tokenizer,
+                                       self.config.hellaswag_file, self.config.hellaswag_limit or None)
 
     def sample(self, params) -> str:
         from jaxgpt import generate
@@ -315,6 +323,10 @@ def train(config: ConfigDict, workdir: str) -> TrainState:
                     val_loss = t.evaluate(state.params)
                     writer.write(done, {"val_loss": val_loss})
                     message = f"step {done}: val loss {val_loss:.4f}"
+                    if config.hellaswag_file:
+                        scores = t.hellaswag(state.params)
+                        writer.write(done, {f"hellaswag_{k}": v for k, v in scores.items() if k != "examples"})
+                        message += f", HellaSwag acc {scores['acc']:.4f} acc_norm {scores['acc_norm']:.4f}"
                     if config.sample_tokens:
                         message += "\n" + t.sample(state.params)
                     (bar.write if bar is not None else lambda s: log(t.is_main, s))(message)

@@ -180,3 +180,16 @@ def test_finetune_starts_from_hugging_face_weights(gpt2_data, tmp_path, make_hf_
     for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(state.params), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert checkpoint.load_model(str(tmp_path / "w")).config.n_embd == 64
+
+
+def test_hellaswag_runs_inside_training(gpt2_data, tmp_path):
+    fixture = REPO / "tests" / "fixtures" / "hellaswag_tiny.jsonl"
+    config = make_config(**{"data.dir": gpt2_data, "max_steps": 2, "eval_every": 2, "sample_tokens": 0,
+                            "optim.warmup_steps": 0,
+                            "hellaswag_file": str(fixture)})
+    train.train(config, str(tmp_path))
+    row = next(r for r in read_metrics(tmp_path) if "hellaswag_acc" in r)
+    assert 0.0 <= row["hellaswag_acc"] <= 1.0 and 0.0 <= row["hellaswag_acc_norm"] <= 1.0
+    with pytest.raises(FileNotFoundError, match="nowhere.jsonl"):
+        train.train(make_config(**{"data.dir": gpt2_data, "hellaswag_file": str(tmp_path / "nowhere.jsonl")}),
+                    str(tmp_path / "w2"))
