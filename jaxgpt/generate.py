@@ -198,17 +198,44 @@ def generate(model: GPT, prompts: list[list[int]], *, max_new_tokens: int, tempe
     temperature 0 is greedy. A row stops after sampling `eot_id` (which is not returned). `on_token(row, token)`
     is called for every new token as soon as it is produced. loop: 'python' (a jitted step per token; the default
     with on_token) or 'device' (one lax.while_loop; the default without). The same seed gives the same tokens.
+
+    Prompt + new tokens beyond block_size continue in windows, as nanoGPT crops its context: each later window
+    re-reads the last block_size // 2 tokens of every unfinished row and adds up to block_size minus that many.
     """
-    sampler = Sampler(temperature, top_k, top_p)
-    config = model.config
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token (start from end-of-text for unconditional samples)")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
+    block = model.config.block_size
+    sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, eot_id=eot_id, loop=loop)
+    outputs, rows = [[] for _ in prompts], list(range(len(prompts)))  # rows: the unfinished ones
+    contexts = [p[-block:] if len(p) >= block else p for p in prompts]
+    window = 0
+    while rows:
+        remaining = max_new_tokens - len(outputs[rows[0]])
+        if window:
+            contexts = [(prompts[r] + outputs[r])[-(block // 2):] for r in rows]
+        n_new = min(remaining, block - max(len(c) for c in contexts))
+        if n_new < 1:  # a prompt of a whole block: drop its oldest half to make room
+            contexts = [c[-(block // 2):] for c in contexts]
+            n_new = min(remaining, block - max(len(c) for c in contexts))
+        emit = None if on_token is None else (lambda i, t, rows=rows: on_token(rows[i], t))
+        new = _generate_window(model, contexts, max_new_tokens=n_new, seed=seed + window, on_token=emit,
+                               **sampling)
+        for r, tokens in zip(rows, new):
+            outputs[r].extend(tokens)
+        rows = [r for r, tokens in zip(rows, new) if len(tokens) == n_new and len(outputs[r]) < max_new_tokens]
+        window += 1
+    return outputs
+
+
+def _generate_window(model: GPT, prompts: list[list[int]], *, max_new_tokens: int, temperature: float,
+                     top_k: int | None, top_p: float | None, seed: int, eot_id: int | None,
+                     on_token: Callable[[int, int], None] | None, loop: str | None) -> list[list[int]]:
+    """generate() within one block: prompt + max_new_tokens <= block_size."""
+    sampler = Sampler(temperature, top_k, top_p)
+    config = model.config
     longest = max(len(p) for p in prompts)
-    if longest + max_new_tokens > config.block_size:
-        raise ValueError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
-                         f"block_size {config.block_size}")
     if bad := [t for p in prompts for t in p if not 0 <= t < config.n_valid_vocab]:
         raise ValueError(f"prompt token {bad[0]} is outside the vocabulary [0, {config.n_valid_vocab})")
     loop = loop or ("python" if on_token else "device")

@@ -237,9 +237,7 @@ class Trainer:
         c = self.config
         m = nnx.merge(self.steps.graphdef, params)
         prompt = self.tokenizer.encode(c.sample_prompt) or [self.tokenizer.eot or 0]
-        prompt = prompt[-self.model_config.block_size // 2:]
-        new_tokens = min(c.sample_tokens, self.model_config.block_size - len(prompt))  # the KV cache holds one block
-        out = generate.generate(m, [prompt], max_new_tokens=new_tokens, temperature=0.8, top_k=200,
+        out = generate.generate(m, [prompt], max_new_tokens=c.sample_tokens, temperature=0.8, top_k=200,
                                 seed=c.seed, eot_id=self.tokenizer.eot)
         return self.tokenizer.decode(prompt + out[0])
 

@@ -140,9 +140,19 @@ def test_no_recompilation_per_token_or_prompt_length(model):
     assert dict(generate.trace_counts) == before
 
 
+def test_generation_past_block_size_continues_in_windows(model):
+    block, prompt = model.config.block_size, PROMPTS[0]
+    out = generate.generate(model, [prompt, PROMPTS[1]], max_new_tokens=200, temperature=0)  # no eot: all 200
+    assert [len(o) for o in out] == [200, 200]
+    first = block - len(prompt)  # the first window: the prompt and as many tokens as fit in a block
+    assert out[0][:first] == generate.generate(model, [prompt], max_new_tokens=first, temperature=0)[0]
+    context = (prompt + out[0][:first])[-(block // 2):]  # the next one re-reads the last half block
+    second = block - len(context)
+    assert out[0][first:first + second] == generate.generate(model, [context], max_new_tokens=second,
+                                                             temperature=0)[0]
+
+
 def test_rejects_bad_requests(model):
-    with pytest.raises(ValueError, match="block_size"):
-        generate.generate(model, [[1] * 100], max_new_tokens=64)
     with pytest.raises(ValueError, match="outside the vocabulary"):
         generate.generate(model, [[50300]], max_new_tokens=4)
     with pytest.raises(ValueError, match="at least one token"):
