@@ -26,7 +26,7 @@ from collections.abc import Iterator
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import app, flags, logging
 from flax import nnx
 
 from jaxgpt import data
@@ -194,6 +194,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
     from jaxgpt.sample import load_model, load_tokenizer
+    logging.set_verbosity(logging.WARNING)  # orbax logs every restore at INFO
     f = flags.FLAGS
     model = load_model(f.ckpt, f.hf)
     if f.task == "loss":

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from absl import app, flags
+from absl import app, flags, logging
 from flax import nnx, struct
 from ml_collections import ConfigDict, config_flags
 
@@ -376,6 +376,7 @@ def parse_flags(argv):
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO; the trainer prints its own lines
     maybe_initialize_distributed()
     train(FLAGS.config, FLAGS.workdir)
 
