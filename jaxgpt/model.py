@@ -97,6 +97,39 @@ def causal_attention(q, k, v):
     return y.astype(v.dtype)
 
 
+def matmul(x, w):
+    """x (N, K) in the compute dtype @ w (K, M) cast to it, accumulated in and returned as float32.
+
+    In float32 this is a plain jnp.dot. In a half dtype the gradients are computed by half-precision matmuls
+    accumulating in float32 too: autodiff of the plain form would multiply the float32 cotangent by the half
+    weights, a float32 matmul on CPU (several times slower than bf16 on AMX/AVX512-BF16). The cotangent is
+    rounded to the compute dtype first, as under PyTorch's autocast: exact for Linear, whose output is rounded
+    to that dtype anyway; for the logits it rounds the loss gradient to bfloat16. w's gradient stays float32."""
+    if x.dtype == jnp.float32:
+        return jnp.dot(x, w.astype(jnp.float32), preferred_element_type=jnp.float32)
+    return _half_matmul(x, w)
+
+
+@jax.custom_vjp
+def _half_matmul(x, w):
+    return jnp.dot(x, w.astype(x.dtype), preferred_element_type=jnp.float32)
+
+
+def _half_matmul_fwd(x, w):
+    return _half_matmul(x, w), (x, w)
+
+
+def _half_matmul_bwd(residuals, g):
+    x, w = residuals
+    g = g.astype(x.dtype)
+    dx = jnp.dot(g, w.astype(x.dtype).T, preferred_element_type=jnp.float32).astype(x.dtype)  # (N, K)
+    dw = jnp.dot(x.T, g, preferred_element_type=jnp.float32).astype(w.dtype)  # (K, M)
+    return dx, dw
+
+
+_half_matmul.defvjp(_half_matmul_fwd, _half_matmul_bwd)
+
+
 class Linear(nnx.Module):
     """x @ kernel + bias with the kernel stored [in, out] (HF Conv1D layout) and float32 accumulation."""
 
@@ -109,8 +142,7 @@ class Linear(nnx.Module):
 
     def __call__(self, x):
         # A 2-D matmul: XLA on CPU differentiates (B*T, C) @ (C, N) faster than the batched 3-D form.
-        y = jnp.dot(x.reshape(-1, x.shape[-1]).astype(self.dtype), self.kernel[...].astype(self.dtype),
-                    preferred_element_type=jnp.float32)  # (B*T, d_out)
+        y = matmul(x.reshape(-1, x.shape[-1]).astype(self.dtype), self.kernel[...])  # (B*T, d_out) float32
         if self.bias is not None:
             y = y + self.bias[...]
         return y.reshape(*x.shape[:-1], y.shape[-1]).astype(self.dtype)
@@ -251,8 +283,7 @@ class GPT(nnx.Module):
         """Weight-tied head. Padded vocab rows get -inf logits: softmax gives them probability 0, so they are
         never sampled, and since targets are real tokens they never change a loss (nor receive gradient)."""
         B, T, C = x.shape
-        wte = self.wte.embedding[...].astype(x.dtype)
-        logits = jnp.dot(x.reshape(B * T, C), wte.T, preferred_element_type=jnp.float32).reshape(B, T, -1)
+        logits = matmul(x.reshape(B * T, C), self.wte.embedding[...].T).reshape(B, T, -1)
         if self.config.n_valid_vocab < self.config.vocab_size:
             logits = jnp.where(jnp.arange(self.config.vocab_size) < self.config.n_valid_vocab, logits, -jnp.inf)
         return logits
