@@ -110,6 +110,14 @@ def matmul(x, w):
     return _half_matmul(x, w)
 
 
+def _row_major(a):
+    """a laid out row-major in memory. XLA's CPU backend runs a half-precision matmul on AMX/AVX512-BF16 only when
+    both operands are row-major (N, K) @ (K, M); given a transposed operand it folds the transpose into the matmul
+    and upcasts it to float32 (4x slower). Flattening behind an optimization barrier forces the layout: a bitcast
+    for an already row-major array, one copy for a transposed one."""
+    return jax.lax.optimization_barrier(a.reshape(-1)).reshape(a.shape)
+
+
 @jax.custom_vjp
 def _half_matmul(x, w):
     return jnp.dot(x, w.astype(x.dtype), preferred_element_type=jnp.float32)
@@ -122,9 +130,9 @@ def _half_matmul_fwd(x, w):
 def _half_matmul_bwd(residuals, g):
     x, w = residuals
     g = g.astype(x.dtype)
-    dx = jnp.dot(g, w.astype(x.dtype).T, preferred_element_type=jnp.float32).astype(x.dtype)  # (N, K)
-    dw = jnp.dot(x.T, g, preferred_element_type=jnp.float32).astype(w.dtype)  # (K, M)
-    return dx, dw
+    dx = jnp.dot(g, _row_major(w.astype(x.dtype).T), preferred_element_type=jnp.float32)  # (N, K)
+    dw = jnp.dot(x.T, g, preferred_element_type=jnp.float32)  # (K, M)
+    return dx.astype(x.dtype), dw.astype(w.dtype)
 
 
 _half_matmul.defvjp(_half_matmul_fwd, _half_matmul_bwd)
