@@ -130,7 +130,10 @@ def _half_matmul_fwd(x, w):
 def _half_matmul_bwd(residuals, g):
     x, w = residuals
     g = g.astype(x.dtype)
-    dx = jnp.dot(g, _row_major(w.astype(x.dtype).T), preferred_element_type=jnp.float32)  # (N, K)
+    w_t = w.astype(x.dtype).T  # (M, K)
+    if jax.default_backend() == "cpu":  # a layout workaround for XLA-CPU only: elsewhere it could cost a reshard
+        w_t = _row_major(w_t)
+    dx = jnp.dot(g, w_t, preferred_element_type=jnp.float32)  # (N, K)
     dw = jnp.dot(x.T, g, preferred_element_type=jnp.float32)  # (K, M)
     return dx.astype(x.dtype), dw.astype(w.dtype)
 
