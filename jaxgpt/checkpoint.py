@@ -14,7 +14,7 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from jaxgpt.model import GPT, GPTConfig, build
+from jaxgpt.model import GPT, GPTConfig, abstract
 
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
@@ -50,14 +50,21 @@ def load_model(directory: str, **overrides) -> GPT:
     directory = os.path.abspath(directory)
     if is_training_dir(directory):
         return load_trained_model(directory, **overrides)
-    config = dataclasses.replace(read_config(directory), **overrides)
-    model = build(config)
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
-                          nnx.state(model, nnx.Param).to_pure_dict())
-    with ocp.StandardCheckpointer() as ckptr:
-        params = ckptr.restore(os.path.join(directory, PARAMS_DIR), target)
-    nnx.update(model, params)
-    return model
+    def restore(target):
+        with ocp.StandardCheckpointer() as ckptr:
+            return ckptr.restore(os.path.join(directory, PARAMS_DIR), target.to_pure_dict())
+    return restored_model(dataclasses.replace(read_config(directory), **overrides), restore)
+
+
+def restored_model(config: GPTConfig, restore) -> GPT:
+    """A model whose parameters come from restore(abstract nnx.State of ShapeDtypeStructs), never initialised."""
+    graphdef, target = nnx.split(abstract(config))
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), target)
+    restored = restore(target)
+    if not isinstance(restored, nnx.State):  # a pure dict (model dirs)
+        target.replace_by_pure_dict(restored)
+        restored = target
+    return nnx.merge(graphdef, restored)
 
 
 # Training checkpoints --------------------------------------------------------------------------------------------
@@ -109,8 +116,6 @@ def load_trained_model(workdir: str, step: int | None = None, **overrides) -> GP
     if step is None:
         raise FileNotFoundError(f"{workdir} holds no training checkpoint yet")
     config = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
-    model = build(dataclasses.replace(GPTConfig(**config["model"]), **overrides))
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nnx.state(model, nnx.Param))
-    params = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target))).params
-    nnx.update(model, params)
-    return model
+    def restore(target):
+        return manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target))).params
+    return restored_model(dataclasses.replace(GPTConfig(**config["model"]), **overrides), restore)

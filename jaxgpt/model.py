@@ -316,3 +316,8 @@ def build(config: GPTConfig, seed: int = 0) -> GPT:
     """A freshly initialised model, on or off a mesh (sharding is applied later by jaxgpt/sharding.py)."""
     with nnx.use_eager_sharding(False):
         return GPT(config, rngs=nnx.Rngs(seed))
+
+
+def abstract(config: GPTConfig) -> GPT:
+    """The model's structure with ShapeDtypeStruct parameters: shapes and logical axes, nothing computed."""
+    return nnx.eval_shape(lambda: build(config))

@@ -109,8 +109,7 @@ def under_mesh(mesh, fn):
 def make_steps(config: ConfigDict, model_config: model.GPTConfig, mesh) -> Steps:
     schedule = optim.learning_rate_schedule(config.optim, config.max_steps)
     tx = optim.make_optimizer(config.optim, config.max_steps)
-    abstract_model = nnx.eval_shape(lambda: model.build(model_config, config.seed))
-    graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
+    graphdef, abstract_params = nnx.split(model.abstract(model_config), nnx.Param)
     params_sharding = sharding.param_shardings(abstract_params, mesh)
     abstract_opt = jax.eval_shape(tx.init, abstract_params)
     rep = sharding.replicated(mesh)

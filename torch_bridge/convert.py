@@ -16,7 +16,7 @@ import torch
 from flax import nnx
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from jaxgpt.model import GPT, PRESETS, GPTConfig
+from jaxgpt.model import GPT, PRESETS, GPTConfig, abstract
 from torch_bridge import mapping as m
 
 EMBEDDING_KEY, POSITION_KEY = m.MODULE_PREFIX + "wte.weight", m.MODULE_PREFIX + "wpe.weight"
@@ -97,11 +97,6 @@ def load_pickle(path) -> dict:
                          f"and plain containers, and torch_bridge never executes code from a checkpoint") from e
 
 
-def abstract_model(config: GPTConfig) -> GPT:
-    with nnx.use_eager_sharding(False):
-        return nnx.eval_shape(lambda: GPT(config, rngs=nnx.Rngs(0)))
-
-
 def load(state_dict, config: GPTConfig, fmt: m.Format, source: str) -> GPT:
     """A GPT holding `state_dict`'s weights. Every key and shape is checked; all problems raise one ValueError."""
     sd = canonical_keys(state_dict)
@@ -110,7 +105,7 @@ def load(state_dict, config: GPTConfig, fmt: m.Format, source: str) -> GPT:
     head, problems = sd.pop(m.TIED_HEAD, None), []
     if head is not None and EMBEDDING_KEY in sd and not torch.equal(head, sd[EMBEDDING_KEY]):
         problems.append(f"untied head: {m.TIED_HEAD} differs from {EMBEDDING_KEY} (jaxgpt ties them)")
-    per_layer = abstract_model(dataclasses.replace(config, scan_layers=False))
+    per_layer = abstract(dataclasses.replace(config, scan_layers=False))
     shapes = {p: x.shape for p, x in flatten_dict(nnx.state(per_layer, nnx.Param).to_pure_dict()).items()}
     params, missing, misshaped = {}, [], []
     for path, key, transpose in rows(config, fmt):
@@ -133,7 +128,7 @@ def load(state_dict, config: GPTConfig, fmt: m.Format, source: str) -> GPT:
     tree = unflatten_dict(params)
     if config.scan_layers:  # per-layer trees -> one tree with a leading (n_layer,) axis
         tree["h"] = jax.tree.map(lambda *layers: np.stack(layers), *(tree["h"][i] for i in range(config.n_layer)))
-    graphdef, state = nnx.split(abstract_model(config))
+    graphdef, state = nnx.split(abstract(config))
     state.replace_by_pure_dict(jax.tree.map(lambda x: jnp.asarray(x, config.param_dtype), tree))
     return nnx.merge(graphdef, state)
 
