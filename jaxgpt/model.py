@@ -8,6 +8,7 @@ Compute runs in `config.dtype` over `config.param_dtype` weights; matmuls accumu
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -90,19 +91,45 @@ def causal_attention(q, k, v, block: int = 128):
     (B, T, n_head, head_dim) form. Queries go in blocks of `block` rows, each against only the keys up to its last
     row, so the fully masked blocks above the diagonal are never computed: at T = 2 * block that skips 1/4 of the
     score matrix, at T = 8 * block 7/16 (forward+backward 59 -> 40 ms per layer at T=256, 166 -> 94 at T=1024)."""
-    T = q.shape[2]
-    outputs = []
-    for start in range(0, T, block):
-        stop = min(start + block, T)
-        scores = jnp.einsum("bhqd,bhkd->bhqk", q[:, :, start:stop], k[:, :, :stop],
-                            preferred_element_type=jnp.float32)  # (B, n_head, stop - start, stop)
-        scores = scores * (q.shape[-1] ** -0.5)
-        visible = jnp.arange(start, stop)[:, None] >= jnp.arange(stop)[None, :]  # (stop - start, stop)
-        scores = jnp.where(visible, scores, -0.7 * jnp.finfo(jnp.float32).max)
-        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        outputs.append(jnp.einsum("bhqk,bhkd->bhqd", probs, v[:, :, :stop],
-                                  preferred_element_type=jnp.float32))  # (B, n_head, stop - start, head_dim)
-    return jnp.concatenate(outputs, axis=2).astype(v.dtype)  # (B, n_head, T, head_dim)
+    blocks = [_attention_block(q[:, :, start:start + block], k[:, :, :start + block], v[:, :, :start + block], start)
+              for start in range(0, q.shape[2], block)]  # each (B, n_head, rows, head_dim)
+    return jnp.concatenate(blocks, axis=2)  # (B, n_head, T, head_dim)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _attention_block(q, k, v, start: int):
+    """Query rows start.. of q (B, n_head, rows, head_dim) against keys and values 0..start + rows."""
+    return _attention_block_fwd(q, k, v, start)[0]
+
+
+def _attention_block_fwd(q, k, v, start):
+    rows, keys = q.shape[2], k.shape[2]
+    scores = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)  # (B, n_head, rows, keys)
+    visible = jnp.arange(start, start + rows)[:, None] >= jnp.arange(keys)[None, :]  # (rows, keys)
+    scores = jnp.where(visible, scores * q.shape[-1] ** -0.5, -0.7 * jnp.finfo(jnp.float32).max)
+    probs = jax.nn.softmax(scores, axis=-1)  # float32
+    y = jnp.einsum("bhqk,bhkd->bhqd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return y.astype(v.dtype), (q, k, v, probs)
+
+
+def _attention_block_bwd(start, residuals, dy):
+    """The backward pass with every matmul in the compute dtype (autodiff would multiply float32 cotangents by
+    half-precision operands: float32 matmuls). The score gradient is rounded to that dtype first, as under
+    PyTorch's autocast; in float32 this is exactly autodiff's arithmetic."""
+    del start
+    q, k, v, probs = residuals
+    dtype = v.dtype
+    dy = dy.astype(dtype)
+    dv = _matmul_tn(probs.astype(dtype), dy)  # (B, n_head, keys, head_dim)
+    dprobs = jnp.einsum("bhqd,bhkd->bhqk", dy, v, preferred_element_type=jnp.float32)  # (B, n_head, rows, keys)
+    dscores = probs * (dprobs - jnp.sum(dprobs * probs, axis=-1, keepdims=True))  # 0 where masked (probs == 0)
+    dscores = (dscores * q.shape[-1] ** -0.5).astype(dtype)
+    dq = jnp.einsum("bhqk,bhkd->bhqd", dscores, k, preferred_element_type=jnp.float32)
+    dk = _matmul_tn(dscores, q)  # (B, n_head, keys, head_dim)
+    return dq.astype(dtype), dk.astype(dtype), dv.astype(dtype)
+
+
+_attention_block.defvjp(_attention_block_fwd, _attention_block_bwd)
 
 
 def matmul(x, w):
@@ -118,12 +145,32 @@ def matmul(x, w):
     return _half_matmul(x, w)
 
 
+def _half_on_cpu(a) -> bool:
+    """Whether a half-precision matmul on `a` needs the XLA-CPU layout workarounds below (elsewhere they could
+    cost a reshard)."""
+    return a.dtype != jnp.float32 and jax.default_backend() == "cpu"
+
+
 def _row_major(a):
     """a laid out row-major in memory. XLA's CPU backend runs a half-precision matmul on AMX/AVX512-BF16 only when
-    both operands are row-major (N, K) @ (K, M); given a transposed operand it folds the transpose into the matmul
-    and upcasts it to float32 (4x slower). Flattening behind an optimization barrier forces the layout: a bitcast
-    for an already row-major array, one copy for a transposed one."""
+    both operands and the result are row-major (N, K) @ (K, M) -> (N, M); given a transposed operand it folds the
+    transpose into the matmul and upcasts it to float32 (4x slower), and a transposed result fails at run time
+    ("Unsupported element type for DotThunk::Execute: BF16 x BF16 = F32"). Flattening behind an optimization
+    barrier forces the layout: a bitcast for an already row-major array, one copy for a transposed one."""
     return jax.lax.optimization_barrier(a.reshape(-1)).reshape(a.shape)
+
+
+def _matmul_tn(a, b):
+    """a^T @ b over the last two axes, (..., N, K) and (..., N, M) -> (..., K, M), accumulated in float32: the
+    weight-gradient form. For a half dtype on CPU, the smaller of a and b is transposed into row-major memory (XLA's
+    transposes are slow: ~3 ns per element) and the product taken in the NN form that runs on AMX."""
+    def nn(x, y):
+        return _row_major(jnp.einsum("...ij,...jk->...ik", x, y, preferred_element_type=jnp.float32))
+    if not _half_on_cpu(a):
+        return jnp.einsum("...nk,...nm->...km", a, b, preferred_element_type=jnp.float32)
+    if a.shape[-1] <= b.shape[-1]:
+        return nn(_row_major(a.swapaxes(-1, -2)), b)
+    return nn(_row_major(b.swapaxes(-1, -2)), a).swapaxes(-1, -2)
 
 
 @jax.custom_vjp
@@ -137,13 +184,11 @@ def _half_matmul_fwd(x, w):
 
 def _half_matmul_bwd(residuals, g):
     x, w = residuals
-    g = g.astype(x.dtype)
-    w_t = w.astype(x.dtype).T  # (M, K)
-    if jax.default_backend() == "cpu":  # a layout workaround for XLA-CPU only: elsewhere it could cost a reshard
+    g, w_t = g.astype(x.dtype), w.astype(x.dtype).T  # (N, M), (M, K)
+    if _half_on_cpu(x):
         w_t = _row_major(w_t)
     dx = jnp.dot(g, w_t, preferred_element_type=jnp.float32)  # (N, K)
-    dw = jnp.dot(x.T, g, preferred_element_type=jnp.float32)  # (K, M)
-    return dx.astype(x.dtype), dw.astype(w.dtype)
+    return dx.astype(x.dtype), _matmul_tn(x, g).astype(w.dtype)  # dw: (K, M)
 
 
 _half_matmul.defvjp(_half_matmul_fwd, _half_matmul_bwd)
