@@ -272,7 +272,10 @@ class MLP(nnx.Module):
                              std=config.init_std / math.sqrt(2 * config.n_layer))
 
     def __call__(self, x):
-        return self.c_proj(jax.nn.gelu(self.c_fc(x), approximate=True))  # GPT-2's tanh GELU
+        h = self.c_fc(x)  # (B, T, 4 * C)
+        # GPT-2's tanh GELU, evaluated in float32 whatever the compute dtype: in bfloat16, XLA on CPU would round
+        # after every elementwise op of the formula, forward and backward (slower and less accurate).
+        return self.c_proj(jax.nn.gelu(h.astype(jnp.float32), approximate=True).astype(h.dtype))
 
 
 class Block(nnx.Module):
