@@ -35,7 +35,7 @@ def main():
     model_config = train.model_config(config, vocab_size=65)
     steps = train.make_steps(config, model_config, mesh)
     rng = np.random.default_rng(0)
-    batches = [{k: jnp.asarray(rng.integers(0, 65, (ACCUM, 12, 64)), jnp.int32) for k in ("inputs", "targets")}
+    batches = [{k: jnp.asarray(rng.integers(0, 65, (1, ACCUM, 12, 64)), jnp.int32) for k in ("inputs", "targets")}
                for _ in range(STEPS)]
     params = jax.jit(lambda: train.nnx.state(train.model.build(model_config), train.nnx.Param))()
 
@@ -45,12 +45,12 @@ def main():
 
     state = fresh()
     for b in batches:  # warm up (compile) and the reference result
-        state, _ = steps.train_step(state, b)
+        state, _ = steps.train_steps(state, b)
     scanned = state
     holder = [fresh()]
 
     def scan_step():
-        holder[0], m = steps.train_step(holder[0], batches[0])
+        holder[0], m = steps.train_steps(holder[0], batches[0])
         return m["loss"]
     scan_ms = timed(scan_step, 10)
 

@@ -32,10 +32,10 @@ def compile_seconds(scan_layers: bool, batch_size: int) -> dict:
     model_config = train.model_config(config, 50257)
     mesh = sharding.make_mesh(config.mesh)
     steps = train.make_steps(config, model_config, mesh)
-    shape = (config.grad_accum_steps, batch_size, model_config.block_size)
-    batch_spec = jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding.batch_sharding(mesh, ndim=3, batch_axis=1))
+    shape = (1, config.grad_accum_steps, batch_size, model_config.block_size)  # one step per call
+    batch_spec = jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding.batch_sharding(mesh, ndim=4, batch_axis=2))
     start = time.perf_counter()
-    lowered = steps.train_step.lower(steps.abstract_state, {"inputs": batch_spec, "targets": batch_spec})
+    lowered = steps.train_steps.lower(steps.abstract_state, {"inputs": batch_spec, "targets": batch_spec})
     traced = time.perf_counter()
     lowered.compile()
     done = time.perf_counter()

@@ -24,8 +24,8 @@ def state_bytes_per_device(config_file: str, mesh_shape) -> tuple[int, int]:
     mesh = sharding.make_mesh(config.mesh)
     model_config = train.model_config(config, vocab_size=50257)
     steps = train.make_steps(config, model_config, mesh)
-    batch = {k: jax.ShapeDtypeStruct((1, 8, model_config.block_size), jnp.int32) for k in ("inputs", "targets")}
-    compiled = steps.train_step.lower(steps.abstract_state, batch).compile()
+    batch = {k: jax.ShapeDtypeStruct((1, 1, 8, model_config.block_size), jnp.int32) for k in ("inputs", "targets")}
+    compiled = steps.train_steps.lower(steps.abstract_state, batch).compile()
     batch_bytes = 2 * 8 * model_config.block_size * 4 // mesh.size
     analysis = compiled.memory_analysis()
     return analysis.argument_size_in_bytes - batch_bytes, analysis.temp_size_in_bytes

@@ -87,15 +87,15 @@ def jaxgpt_step_seconds(shape: dict, batch: int, dtype: str, flops_per_token: di
                      out_shardings=steps.state_sharding.params)()
     state = train.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=steps.tx.init(params),
                              rng=jax.random.PRNGKey(1))
-    tokens = np.random.default_rng(0).integers(0, shape["vocab"], (1, batch, shape["block_size"] + 1))
+    tokens = np.random.default_rng(0).integers(0, shape["vocab"], (1, 1, batch, shape["block_size"] + 1))
     batch_arrays = sharding.host_batch_to_global(
-        {"inputs": tokens[..., :-1].astype(np.int32), "targets": tokens[..., 1:].astype(np.int32)}, mesh, batch_axis=1)
+        {"inputs": tokens[..., :-1].astype(np.int32), "targets": tokens[..., 1:].astype(np.int32)}, mesh, batch_axis=2)
     T, C = shape["block_size"], shape["n_embd"]
     flops_per_token[dtype] = metrics.flops_per_token(steps.n_params, T * C, shape["n_layer"], T, C)
 
     def step():
         nonlocal state
-        state, step_metrics = steps.train_step(state, batch_arrays)
+        state, step_metrics = steps.train_steps(state, batch_arrays)
         jax.block_until_ready(step_metrics)
     return timed(step, FLAGS.steps)
 

@@ -31,6 +31,7 @@ def get_config() -> ConfigDict:
 
     c.batch_size = 12  # sequences per micro-batch, summed over all devices and hosts
     c.grad_accum_steps = 1  # micro-batches per optimizer step (tokens/step = batch_size * block_size * this)
+    c.steps_per_call = 1  # optimizer steps per jitted call (a lax.scan); >1 amortises the per-call cost of small models
 
     c.optim = ConfigDict()
     c.optim.lr = 6e-4  # peak learning rate, reached after warmup_steps

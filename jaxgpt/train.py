@@ -82,6 +82,13 @@ def train_step(state: TrainState, batch, *, graphdef, tx, schedule, use_dropout:
     return new_state, {"loss": losses.mean(), "grad_norm": optax.global_norm(grads), "lr": schedule(state.step)}
 
 
+def train_steps(state: TrainState, batches, **step_args):
+    """len(batches) optimizer steps in one call: a lax.scan of train_step over batches of shape (n, accum, B, T);
+    the metrics come back stacked, one entry per step. On CPU a small model's per-call cost (argument handling,
+    buffer allocation, waking the thread pool) is a quarter of its step time; scanning amortises it."""
+    return jax.lax.scan(functools.partial(train_step, **step_args), state, batches)
+
+
 def eval_step(params, batch, *, graphdef):
     return loss_fn(params, graphdef, batch["inputs"], batch["targets"], None)
 
@@ -94,7 +101,7 @@ class Steps:
     tx: optax.GradientTransformation
     state_sharding: TrainState  # a NamedSharding per leaf
     abstract_state: TrainState  # ShapeDtypeStructs carrying those shardings: restore targets
-    train_step: Any  # (state, batch of (accum, B, T)) -> (state, metrics); donates state
+    train_steps: Any  # (state, batches of (n, accum, B, T)) -> (state, metrics of (n,)); donates state
     eval_step: Any  # (params, batch of (B, T)) -> mean loss
 
 
@@ -119,13 +126,13 @@ def make_steps(config: ConfigDict, model_config: model.GPTConfig, mesh) -> Steps
                                 opt_state=abstract_opt, rng=jax.ShapeDtypeStruct((2,), jnp.uint32))
     abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                   abstract_state, state_sharding)
-    step = under_mesh(mesh, functools.partial(train_step, graphdef=graphdef, tx=tx, schedule=schedule,
-                                              use_dropout=model_config.dropout > 0))
+    steps = under_mesh(mesh, functools.partial(train_steps, graphdef=graphdef, tx=tx, schedule=schedule,
+                                               use_dropout=model_config.dropout > 0))
     return Steps(
         graphdef=graphdef, n_params=sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_params)), tx=tx,
         state_sharding=state_sharding, abstract_state=abstract_state,
-        train_step=jax.jit(step, in_shardings=(state_sharding, sharding.batch_sharding(mesh, ndim=3, batch_axis=1)),
-                           out_shardings=(state_sharding, rep), donate_argnums=0),
+        train_steps=jax.jit(steps, in_shardings=(state_sharding, sharding.batch_sharding(mesh, ndim=4, batch_axis=2)),
+                            out_shardings=(state_sharding, rep), donate_argnums=0),
         eval_step=jax.jit(under_mesh(mesh, functools.partial(eval_step, graphdef=graphdef)),
                           in_shardings=(params_sharding, sharding.batch_sharding(mesh)), out_shardings=rep))
 
@@ -168,8 +175,9 @@ class Trainer:
         if c.batch_size % n_proc or c.batch_size % shards:
             raise ValueError(f"batch_size={c.batch_size} must divide evenly over {n_proc} processes and the "
                              f"{shards} data x fsdp shards of the mesh {dict(self.mesh.shape)}")
-        if c.grad_accum_steps < 1:
-            raise ValueError(f"grad_accum_steps={c.grad_accum_steps} must be at least 1")
+        for name in ("grad_accum_steps", "steps_per_call", "log_every", "eval_every"):
+            if c[name] < 1:
+                raise ValueError(f"{name}={c[name]} must be at least 1")
 
     @functools.cache  # noqa: B019 -- the trainer lives for the whole run
     def _pretrained(self) -> model.GPT:
@@ -210,11 +218,13 @@ class Trainer:
         step = jax.device_put(jnp.zeros((), jnp.int32), self.steps.state_sharding.step)
         return TrainState(step=step, params=params, opt_state=opt_state, rng=rng), 0
 
-    def next_batch(self):
-        """grad_accum_steps local micro-batches stacked to (accum, B_local, T), assembled into global arrays."""
-        micro = [next(self.train_data) for _ in range(self.config.grad_accum_steps)]
-        stacked = {k: np.stack([m[k] for m in micro]) for k in ("inputs", "targets")}
-        return sharding.host_batch_to_global(stacked, self.mesh, batch_axis=1)
+    def next_batches(self, n: int):
+        """Local micro-batches for n steps stacked to (n, accum, B_local, T), assembled into global arrays."""
+        accum = self.config.grad_accum_steps
+        micro = [next(self.train_data) for _ in range(n * accum)]
+        stacked = {k: np.stack([m[k] for m in micro]).reshape(n, accum, *micro[0][k].shape)
+                   for k in ("inputs", "targets")}
+        return sharding.host_batch_to_global(stacked, self.mesh, batch_axis=2)
 
     def evaluate(self, params) -> float:
         losses = [self.steps.eval_step(params, sharding.host_batch_to_global(b, self.mesh)) for b in self.val_batches]
@@ -259,6 +269,15 @@ def prepare_data(config: ConfigDict, is_main: bool):
     return tokenizer.load_tokenizer(d.dir), d.dir
 
 
+def call_length(step: int, config: ConfigDict, checkpoint_every: int) -> int:
+    """Steps in the next jitted call: config.steps_per_call, cut short to end on the next log, eval or checkpoint
+    step (so those stay exact; a steps_per_call that divides them compiles a single call length)."""
+    n = min(config.steps_per_call, config.max_steps - step)
+    for every in (config.log_every, config.eval_every, checkpoint_every):
+        n = min(n, every - step % every)
+    return n
+
+
 def train(config: ConfigDict, workdir: str) -> TrainState:
     """Trains config.max_steps optimizer steps, resuming from workdir's checkpoints; returns the final state."""
     t = Trainer(config, workdir)
@@ -277,30 +296,35 @@ def train(config: ConfigDict, workdir: str) -> TrainState:
         from tqdm import tqdm
         bar = tqdm(total=config.max_steps, initial=start, unit="step", dynamic_ncols=True)
     checkpoint_every = config.checkpoint_every or config.eval_every
-    pending = None  # the last step's metrics, read one step late so the host never stalls the device
+    pending = None  # the last call's metrics, read one call late so the host never stalls the device
     t_last, step_last = time.perf_counter(), start
 
-    def check_finite(step, step_metrics):
-        loss, grad_norm = (float(step_metrics[k]) for k in ("loss", "grad_norm"))
-        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+    def check_finite(first_step, call_metrics):
+        """Raises at the first step of a call whose loss or gradient norm is not finite."""
+        losses, norms = (np.asarray(jax.device_get(call_metrics[k])) for k in ("loss", "grad_norm"))
+        bad = np.flatnonzero(~(np.isfinite(losses) & np.isfinite(norms)))
+        if bad.size:
             t.manager.wait_until_finished()
-            raise FloatingPointError(f"loss {loss}, grad norm {grad_norm} at step {step}: stopping. The last "
-                                     f"good checkpoint "
-                                     f"(step {t.manager.latest_step()}) is kept in {workdir}")
-        return loss
+            last = t.manager.latest_step()
+            kept = (f"The last good checkpoint (step {last}) is kept in {workdir}" if last is not None else
+                    f"no checkpoint was saved yet in {workdir}")
+            raise FloatingPointError(f"loss {losses[bad[0]]}, grad norm {norms[bad[0]]} at step "
+                                     f"{first_step + bad[0]}: stopping. {kept}")
 
+    done = start
     try:
-        for step in range(start, config.max_steps):
-            state, step_metrics = t.steps.train_step(state, t.next_batch())
+        while done < config.max_steps:
+            n = call_length(done, config, checkpoint_every)
+            state, call_metrics = t.steps.train_steps(state, t.next_batches(n))
             if pending is not None:
                 check_finite(*pending)
-            pending = (step + 1, step_metrics)
-            done = step + 1
+            pending = (done + 1, call_metrics)
+            done += n
             if bar is not None:
-                bar.update(1)
+                bar.update(n)
             if done % config.log_every == 0 or done == config.max_steps:
-                values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
-                check_finite(done, step_metrics)
+                check_finite(*pending)
+                values = {k: float(v[-1]) for k, v in jax.device_get(call_metrics).items()}
                 now = time.perf_counter()
                 tok_s = tokens_per_step * (done - step_last) / (now - t_last)
                 values["tokens_per_sec"] = tok_s

@@ -76,6 +76,31 @@ def test_resume_is_bit_exact(char_data, tmp_path):
     assert int(resumed.step) == 12
 
 
+def test_steps_per_call_matches_one_step_per_call(char_data, tmp_path):
+    """Several optimizer steps per jitted call (a lax.scan) train exactly as one step per call, with calls cut
+    short at log, eval and checkpoint steps, and resume from a checkpoint taken between calls."""
+    common = {"data.dir": char_data, "optim.decay_steps": 12, "log_every": 4, "eval_every": 6, "max_steps": 12,
+              "model.dropout": 0.1, "grad_accum_steps": 2, "sample_tokens": 0}
+    one = train.train(make_config(**common, steps_per_call=1), str(tmp_path / "one"))
+    five = train.train(make_config(**common, steps_per_call=5), str(tmp_path / "five"))
+    train.train(make_config(**{**common, "max_steps": 6}, steps_per_call=5), str(tmp_path / "halves"))
+    resumed = train.train(make_config(**common, steps_per_call=5), str(tmp_path / "halves"))
+    for a, b, c in zip(params_of(one), params_of(five), params_of(resumed), strict=True):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(a, c)
+    logged = [[(r["step"], r["loss"]) for r in read_metrics(tmp_path / d) if "loss" in r] for d in ("one", "five")]
+    assert logged[0] == logged[1] and [step for step, _ in logged[0]] == [4, 8, 12]
+
+
+def test_call_length_ends_calls_on_log_eval_and_checkpoint_steps():
+    config = make_config(steps_per_call=5, log_every=4, eval_every=6, max_steps=14)
+    step, lengths = 0, []
+    while step < config.max_steps:
+        lengths.append(train.call_length(step, config, checkpoint_every=6))
+        step += lengths[-1]
+    assert lengths == [4, 2, 2, 4, 2]  # ends at 4, 6, 8, 12, 14
+
+
 def train_command(workdir, data_dir, *extra):
     return [sys.executable, "-m", "jaxgpt.train", "--config=configs/tiny.py", f"--workdir={workdir}",
             f"--config.data.dir={data_dir}", "--config.max_steps=40", "--config.optim.decay_steps=40",
@@ -145,13 +170,22 @@ def test_missing_data_is_a_clear_error(tmp_path):
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(char_data, tmp_path):
-    config = make_config(**{"data.dir": char_data, "optim.lr": 1e30, "optim.grad_clip": 0.0,
-                            "optim.warmup_steps": 0, "checkpoint_every": 1, "max_steps": 10})
-    with pytest.raises(FloatingPointError, match=r"at step \d+"):
-        train.train(config, str(tmp_path))
-    good = completed_steps(tmp_path)
-    model = checkpoint.load_model(str(tmp_path))
+    def bad_step(steps_per_call, checkpoint_every):
+        config = make_config(**{"data.dir": char_data, "optim.lr": 1e30, "optim.grad_clip": 0.0,
+                                "optim.warmup_steps": 0, "max_steps": 10, "steps_per_call": steps_per_call,
+                                "checkpoint_every": checkpoint_every})
+        with pytest.raises(FloatingPointError, match=r"at step \d+") as error:
+            train.train(config, str(tmp_path / str(steps_per_call)))
+        return int(error.value.args[0].split("at step ")[1].split(":")[0]), error.value.args[0]
+
+    step, _ = bad_step(1, checkpoint_every=1)
+    good = completed_steps(tmp_path / "1")
+    assert good and good[-1] == step - 1
+    model = checkpoint.load_model(str(tmp_path / "1"))
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(nnx.state(model, nnx.Param))), good
+    # Inside a 5-step call the first bad step is named exactly too; no checkpoint exists yet, and it says so.
+    step_in_call, message = bad_step(5, checkpoint_every=5)
+    assert step_in_call == step and "no checkpoint was saved yet" in message
 
 
 @pytest.mark.slow
