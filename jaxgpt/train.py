@@ -89,8 +89,10 @@ def train_steps(state: TrainState, batches, **step_args):
     return jax.lax.scan(functools.partial(train_step, **step_args), state, batches)
 
 
-def eval_step(params, batch, *, graphdef):
-    return loss_fn(params, graphdef, batch["inputs"], batch["targets"], None)
+def eval_loss(params, batches, *, graphdef):
+    """Mean loss over batches of shape (n, B, T), one batch at a time (lax.map) in a single call."""
+    losses = jax.lax.map(lambda b: loss_fn(params, graphdef, b["inputs"], b["targets"], None), batches)
+    return losses.mean()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,7 +104,7 @@ class Steps:
     state_sharding: TrainState  # a NamedSharding per leaf
     abstract_state: TrainState  # ShapeDtypeStructs carrying those shardings: restore targets
     train_steps: Any  # (state, batches of (n, accum, B, T)) -> (state, metrics of (n,)); donates state
-    eval_step: Any  # (params, batch of (B, T)) -> mean loss
+    eval_loss: Any  # (params, batches of (n, B, T)) -> mean loss
 
 
 def under_mesh(mesh, fn):
@@ -133,8 +135,9 @@ def make_steps(config: ConfigDict, model_config: model.GPTConfig, mesh) -> Steps
         state_sharding=state_sharding, abstract_state=abstract_state,
         train_steps=jax.jit(steps, in_shardings=(state_sharding, sharding.batch_sharding(mesh, ndim=4, batch_axis=2)),
                             out_shardings=(state_sharding, rep), donate_argnums=0),
-        eval_step=jax.jit(under_mesh(mesh, functools.partial(eval_step, graphdef=graphdef)),
-                          in_shardings=(params_sharding, sharding.batch_sharding(mesh)), out_shardings=rep))
+        eval_loss=jax.jit(under_mesh(mesh, functools.partial(eval_loss, graphdef=graphdef)),
+                          in_shardings=(params_sharding, sharding.batch_sharding(mesh, ndim=3, batch_axis=1)),
+                          out_shardings=rep))
 
 
 class Trainer:
@@ -154,10 +157,12 @@ class Trainer:
             data.find_shards(self.data_dir, "train"), block_size=self.model_config.block_size,
             batch_size=local_batch, seed=config.seed, process_index=jax.process_index(),
             process_count=jax.process_count(), vocab_size=self.tokenizer.vocab_size))
-        self.val_batches = data.eval_batches(
+        val = data.eval_batches(
             data.find_shards(self.data_dir, "val"), block_size=self.model_config.block_size, batch_size=local_batch,
             n_batches=config.eval_iters, seed=config.seed, process_index=jax.process_index(),
             process_count=jax.process_count())
+        self.val_batches = sharding.host_batch_to_global(  # fixed: stacked to (eval_iters, B, T) once
+            {k: np.stack([b[k] for b in val]) for k in ("inputs", "targets")}, self.mesh, batch_axis=1)
         self.manager = checkpoint.checkpoint_manager(workdir, keep=config.keep_checkpoints)
         if config.hellaswag_file:  # a missing or malformed file fails now, not at the first evaluation
             from jaxgpt import evaluate
@@ -175,7 +180,7 @@ class Trainer:
         if c.batch_size % n_proc or c.batch_size % shards:
             raise ValueError(f"batch_size={c.batch_size} must divide evenly over {n_proc} processes and the "
                              f"{shards} data x fsdp shards of the mesh {dict(self.mesh.shape)}")
-        for name in ("grad_accum_steps", "steps_per_call", "log_every", "eval_every"):
+        for name in ("grad_accum_steps", "steps_per_call", "log_every", "eval_every", "eval_iters"):
             if c[name] < 1:
                 raise ValueError(f"{name}={c[name]} must be at least 1")
 
@@ -227,8 +232,7 @@ class Trainer:
         return sharding.host_batch_to_global(stacked, self.mesh, batch_axis=2)
 
     def evaluate(self, params) -> float:
-        losses = [self.steps.eval_step(params, sharding.host_batch_to_global(b, self.mesh)) for b in self.val_batches]
-        return float(np.mean(jax.device_get(losses)))
+        return float(self.steps.eval_loss(params, self.val_batches))
 
     def save(self, state: TrainState, step: int, val_loss=None):
         checkpoint.save_training(
