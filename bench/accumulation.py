@@ -66,14 +66,14 @@ def main():
     p, s = jax.tree.map(jnp.copy, params), multi.init(params)
     for b in batches:
         for i in range(ACCUM):
-            p, s, _ = micro_step(p, s, b["inputs"][i], b["targets"][i])
+            p, s, _ = micro_step(p, s, b["inputs"][0, i], b["targets"][0, i])
     diff = max(float(jnp.max(jnp.abs(a - c))) for a, c in zip(jax.tree.leaves(p), jax.tree.leaves(scanned.params)))
     ms_holder = [p, s]
 
     def multisteps_step():
         for i in range(ACCUM):
-            ms_holder[0], ms_holder[1], loss = micro_step(ms_holder[0], ms_holder[1], batches[0]["inputs"][i],
-                                                          batches[0]["targets"][i])
+            ms_holder[0], ms_holder[1], loss = micro_step(ms_holder[0], ms_holder[1], batches[0]["inputs"][0, i],
+                                                          batches[0]["targets"][0, i])
         return loss
     multi_ms = timed(multisteps_step, 10)
     print(f"{'accumulation':28s} {'ms / optimizer step':>20s}")
