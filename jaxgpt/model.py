@@ -3,19 +3,19 @@
 Parameter names follow Hugging Face's GPT2LMHeadModel (wte, wpe, h, ln_1, attn.c_attn, attn.c_proj, ln_2,
 mlp.c_fc, mlp.c_proj, ln_f), and kernels are stored [in, out] like HF's Conv1D, so the bridge is a plain copy.
 Every parameter names its logical axes ('embed', 'mlp', ...); jaxgpt/sharding.py maps them onto a mesh.
-Compute runs in `config.dtype` over `config.param_dtype` weights; matmuls accumulate in float32.
+Compute runs in `config.dtype` over `config.param_dtype` weights; matmuls accumulate in float32. The matmul and
+attention, with their hand-written backward passes (for XLA-CPU), are in jaxgpt/ops.py.
 """
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxgpt import sharding
+from jaxgpt import ops, sharding
 
 PRESETS = {  # name -> (n_layer, n_head, n_embd), the four released GPT-2 sizes
     "gpt2": dict(n_layer=12, n_head=12, n_embd=768),
@@ -83,119 +83,6 @@ def dropout(x, rate: float, key: jax.Array | None):
     return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
-def causal_attention(q, k, v, block: int = 128):
-    """Causal softmax attention over heads-major (B, n_head, T, head_dim) q, k, v; what
-    jax.nn.dot_product_attention(..., is_causal=True, implementation='xla') computes (float32 scores and softmax,
-    masked with the same large negative number), written as batched matmuls with the batch and head axes leading,
-    which XLA's CPU backend runs and differentiates several times faster than that function's vmapped
-    (B, T, n_head, head_dim) form. Queries go in blocks of `block` rows, each against only the keys up to its last
-    row, so the fully masked blocks above the diagonal are never computed: at T = 2 * block that skips 1/4 of the
-    score matrix, at T = 8 * block 7/16 (forward+backward 59 -> 40 ms per layer at T=256, 166 -> 94 at T=1024)."""
-    blocks = [_attention_block(q[:, :, start:start + block], k[:, :, :start + block], v[:, :, :start + block], start)
-              for start in range(0, q.shape[2], block)]  # each (B, n_head, rows, head_dim)
-    return jnp.concatenate(blocks, axis=2)  # (B, n_head, T, head_dim)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _attention_block(q, k, v, start: int):
-    """Query rows start.. of q (B, n_head, rows, head_dim) against keys and values 0..start + rows."""
-    return _attention_block_fwd(q, k, v, start)[0]
-
-
-def _attention_block_fwd(q, k, v, start):
-    rows, keys = q.shape[2], k.shape[2]
-    scores = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)  # (B, n_head, rows, keys)
-    visible = jnp.arange(start, start + rows)[:, None] >= jnp.arange(keys)[None, :]  # (rows, keys)
-    scores = jnp.where(visible, scores * q.shape[-1] ** -0.5, -0.7 * jnp.finfo(jnp.float32).max)
-    probs = jax.nn.softmax(scores, axis=-1)  # float32
-    y = jnp.einsum("bhqk,bhkd->bhqd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    return y.astype(v.dtype), (q, k, v, probs)
-
-
-def _attention_block_bwd(start, residuals, dy):
-    """The backward pass with every matmul in the compute dtype (autodiff would multiply float32 cotangents by
-    half-precision operands: float32 matmuls). The score gradient is rounded to that dtype first, as under
-    PyTorch's autocast; in float32 this is exactly autodiff's arithmetic."""
-    del start
-    q, k, v, probs = residuals
-    dtype = v.dtype
-    dy = dy.astype(dtype)
-    dv = _matmul_tn(probs.astype(dtype), dy)  # (B, n_head, keys, head_dim)
-    dprobs = jnp.einsum("bhqd,bhkd->bhqk", dy, v, preferred_element_type=jnp.float32)  # (B, n_head, rows, keys)
-    dscores = probs * (dprobs - jnp.sum(dprobs * probs, axis=-1, keepdims=True))  # 0 where masked (probs == 0)
-    dscores = (dscores * q.shape[-1] ** -0.5).astype(dtype)
-    dq = jnp.einsum("bhqk,bhkd->bhqd", dscores, k, preferred_element_type=jnp.float32)
-    dk = _matmul_tn(dscores, q)  # (B, n_head, keys, head_dim)
-    return dq.astype(dtype), dk.astype(dtype), dv.astype(dtype)
-
-
-_attention_block.defvjp(_attention_block_fwd, _attention_block_bwd)
-
-
-def matmul(x, w):
-    """x (N, K) in the compute dtype @ w (K, M) cast to it, accumulated in and returned as float32.
-
-    In float32 this is a plain jnp.dot. In a half dtype the gradients are computed by half-precision matmuls
-    accumulating in float32 too: autodiff of the plain form would multiply the float32 cotangent by the half
-    weights, a float32 matmul on CPU (several times slower than bf16 on AMX/AVX512-BF16). The cotangent is
-    rounded to the compute dtype first, as under PyTorch's autocast: exact for Linear, whose output is rounded
-    to that dtype anyway; for the logits it rounds the loss gradient to bfloat16. w's gradient stays float32."""
-    if x.dtype == jnp.float32:
-        return jnp.dot(x, w.astype(jnp.float32), preferred_element_type=jnp.float32)
-    return _half_matmul(x, w)
-
-
-def _half_on_cpu(a) -> bool:
-    """Whether a half-precision matmul on `a` needs the XLA-CPU layout workarounds below: on one CPU device only.
-    Elsewhere they could cost a reshard: flattening a sharded array gathers it (on 8 CPU devices the FSDP 124M step
-    needed 1 GiB more temporaries with them)."""
-    mesh = sharding.current_mesh()
-    return a.dtype != jnp.float32 and jax.default_backend() == "cpu" and (mesh.empty or mesh.size == 1)
-
-
-def _row_major(a):
-    """a laid out row-major in memory. XLA's CPU backend runs a half-precision matmul on AMX/AVX512-BF16 only when
-    both operands and the result are row-major (N, K) @ (K, M) -> (N, M); given a transposed operand it folds the
-    transpose into the matmul and upcasts it to float32 (4x slower), and a transposed result fails at run time
-    ("Unsupported element type for DotThunk::Execute: BF16 x BF16 = F32"). Flattening behind an optimization
-    barrier forces the layout: a bitcast for an already row-major array, one copy for a transposed one."""
-    return jax.lax.optimization_barrier(a.reshape(-1)).reshape(a.shape)
-
-
-def _matmul_tn(a, b):
-    """a^T @ b over the last two axes, (..., N, K) and (..., N, M) -> (..., K, M), accumulated in float32: the
-    weight-gradient form. For a half dtype on CPU, the smaller of a and b is transposed into row-major memory (XLA's
-    transposes are slow: ~3 ns per element) and the product taken in the NN form that runs on AMX."""
-    def nn(x, y):
-        return _row_major(jnp.einsum("...ij,...jk->...ik", x, y, preferred_element_type=jnp.float32))
-    if not _half_on_cpu(a):
-        return jnp.einsum("...nk,...nm->...km", a, b, preferred_element_type=jnp.float32)
-    if a.shape[-1] <= b.shape[-1]:
-        return nn(_row_major(a.swapaxes(-1, -2)), b)
-    return nn(_row_major(b.swapaxes(-1, -2)), a).swapaxes(-1, -2)
-
-
-@jax.custom_vjp
-def _half_matmul(x, w):
-    return jnp.dot(x, w.astype(x.dtype), preferred_element_type=jnp.float32)
-
-
-def _half_matmul_fwd(x, w):
-    return _half_matmul(x, w), (x, w)
-
-
-def _half_matmul_bwd(residuals, g):
-    x, w = residuals
-    g, w_t = g.astype(x.dtype), w.astype(x.dtype).T  # (N, M), (M, K)
-    if _half_on_cpu(x):
-        w_t = _row_major(w_t)
-    dx = jnp.dot(g, w_t, preferred_element_type=jnp.float32)  # (N, K)
-    return dx.astype(x.dtype), _matmul_tn(x, g).astype(w.dtype)  # dw: (K, M)
-
-
-_half_matmul.defvjp(_half_matmul_fwd, _half_matmul_bwd)
-
-
 class Linear(nnx.Module):
     """x @ kernel + bias with the kernel stored [in, out] (HF Conv1D layout) and float32 accumulation."""
 
@@ -208,7 +95,7 @@ class Linear(nnx.Module):
 
     def __call__(self, x):
         # A 2-D matmul: XLA on CPU differentiates (B*T, C) @ (C, N) faster than the batched 3-D form.
-        y = matmul(x.reshape(-1, x.shape[-1]).astype(self.dtype), self.kernel[...])  # (B*T, d_out) float32
+        y = ops.matmul(x.reshape(-1, x.shape[-1]).astype(self.dtype), self.kernel[...])  # (B*T, d_out) float32
         if self.bias is not None:
             y = y + self.bias[...]
         return y.reshape(*x.shape[:-1], y.shape[-1]).astype(self.dtype)
@@ -256,7 +143,7 @@ class CausalSelfAttention(nnx.Module):
         qkv = self.c_attn(x).reshape(B, T, 3, self.n_head, C // self.n_head)  # (B, T, 3, n_head, head_dim)
         if cache is None and self.implementation == "xla":
             q, k, v = qkv.transpose(2, 0, 3, 1, 4)  # each (B, n_head, T, head_dim)
-            y = causal_attention(q, k, v).transpose(0, 2, 1, 3)  # (B, T, n_head, head_dim)
+            y = ops.causal_attention(q, k, v).transpose(0, 2, 1, 3)  # (B, T, n_head, head_dim)
         else:
             q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # each (B, T, n_head, head_dim)
             if cache is None:
@@ -352,7 +239,7 @@ class GPT(nnx.Module):
         """Weight-tied head. Padded vocab rows get -inf logits: softmax gives them probability 0, so they are
         never sampled, and since targets are real tokens they never change a loss (nor receive gradient)."""
         B, T, C = x.shape
-        logits = matmul(x.reshape(B * T, C), self.wte.embedding[...].T).reshape(B, T, -1)
+        logits = ops.matmul(x.reshape(B * T, C), self.wte.embedding[...].T).reshape(B, T, -1)
         if self.config.n_valid_vocab < self.config.vocab_size:
             logits = jnp.where(jnp.arange(self.config.vocab_size) < self.config.n_valid_vocab, logits, -jnp.inf)
         return logits

@@ -1,0 +1,132 @@
+"""The two computations the model spends its time in, matmul and causal attention, with hand-written backward
+passes.
+
+Both compute exactly what the plain jnp expressions compute. They exist for XLA's CPU backend, where autodiff's
+default forms are slow:
+- a half-precision matmul whose cotangent is float32 runs in float32;
+- transposed (TN) half-precision matmuls are upcast to float32;
+- batched attention matmuls reach a fraction of the GEMM rate.
+
+Measured figures are in bench/RESULTS.md. On GPU the same code runs; the CPU layout workarounds switch off there.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from jaxgpt import sharding
+
+
+def causal_attention(q, k, v, block: int = 128):
+    """Causal softmax attention over heads-major (B, n_head, T, head_dim) q, k, v; what
+    jax.nn.dot_product_attention(..., is_causal=True, implementation='xla') computes (float32 scores and softmax,
+    masked with the same large negative number), written as batched matmuls with the batch and head axes leading,
+    which XLA's CPU backend runs and differentiates several times faster than that function's vmapped
+    (B, T, n_head, head_dim) form. Queries go in blocks of `block` rows, each against only the keys up to its last
+    row, so the fully masked blocks above the diagonal are never computed: at T = 2 * block that skips 1/4 of the
+    score matrix, at T = 8 * block 7/16 (forward+backward 59 -> 40 ms per layer at T=256, 166 -> 94 at T=1024)."""
+    blocks = [_attention_block(q[:, :, start:start + block], k[:, :, :start + block], v[:, :, :start + block], start)
+              for start in range(0, q.shape[2], block)]  # each (B, n_head, rows, head_dim)
+    return jnp.concatenate(blocks, axis=2)  # (B, n_head, T, head_dim)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _attention_block(q, k, v, start: int):
+    """Query rows start.. of q (B, n_head, rows, head_dim) against keys and values 0..start + rows."""
+    return _attention_block_fwd(q, k, v, start)[0]
+
+
+def _attention_block_fwd(q, k, v, start):
+    rows, keys = q.shape[2], k.shape[2]
+    scores = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)  # (B, n_head, rows, keys)
+    visible = jnp.arange(start, start + rows)[:, None] >= jnp.arange(keys)[None, :]  # (rows, keys)
+    scores = jnp.where(visible, scores * q.shape[-1] ** -0.5, -0.7 * jnp.finfo(jnp.float32).max)
+    probs = jax.nn.softmax(scores, axis=-1)  # float32
+    y = jnp.einsum("bhqk,bhkd->bhqd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return y.astype(v.dtype), (q, k, v, probs)
+
+
+def _attention_block_bwd(start, residuals, dy):
+    """The backward pass with every matmul in the compute dtype (autodiff would multiply float32 cotangents by
+    half-precision operands: float32 matmuls). The score gradient is rounded to that dtype first, as under
+    PyTorch's autocast; in float32 this is exactly autodiff's arithmetic."""
+    del start
+    q, k, v, probs = residuals
+    dtype = v.dtype
+    dy = dy.astype(dtype)
+    dv = _matmul_tn(probs.astype(dtype), dy)  # (B, n_head, keys, head_dim)
+    dprobs = jnp.einsum("bhqd,bhkd->bhqk", dy, v, preferred_element_type=jnp.float32)  # (B, n_head, rows, keys)
+    dscores = probs * (dprobs - jnp.sum(dprobs * probs, axis=-1, keepdims=True))  # 0 where masked (probs == 0)
+    dscores = (dscores * q.shape[-1] ** -0.5).astype(dtype)
+    dq = jnp.einsum("bhqk,bhkd->bhqd", dscores, k, preferred_element_type=jnp.float32)
+    dk = _matmul_tn(dscores, q)  # (B, n_head, keys, head_dim)
+    return dq.astype(dtype), dk.astype(dtype), dv.astype(dtype)
+
+
+_attention_block.defvjp(_attention_block_fwd, _attention_block_bwd)
+
+
+def matmul(x, w):
+    """x (N, K) in the compute dtype @ w (K, M) cast to it, accumulated in and returned as float32.
+
+    In float32 this is a plain jnp.dot. In a half dtype the gradients are computed by half-precision matmuls
+    accumulating in float32 too: autodiff of the plain form would multiply the float32 cotangent by the half
+    weights, a float32 matmul on CPU (several times slower than bf16 on AMX/AVX512-BF16). The cotangent is
+    rounded to the compute dtype first, as under PyTorch's autocast: exact for Linear, whose output is rounded
+    to that dtype anyway; for the logits it rounds the loss gradient to bfloat16. w's gradient stays float32."""
+    if x.dtype == jnp.float32:
+        return jnp.dot(x, w.astype(jnp.float32), preferred_element_type=jnp.float32)
+    return _half_matmul(x, w)
+
+
+def _half_on_cpu(a) -> bool:
+    """Whether a half-precision matmul on `a` needs the XLA-CPU layout workarounds below: on one CPU device only.
+    Elsewhere they could cost a reshard: flattening a sharded array gathers it (on 8 CPU devices the FSDP 124M step
+    needed 1 GiB more temporaries with them)."""
+    mesh = sharding.current_mesh()
+    return a.dtype != jnp.float32 and jax.default_backend() == "cpu" and (mesh.empty or mesh.size == 1)
+
+
+def _row_major(a):
+    """a laid out row-major in memory. XLA's CPU backend runs a half-precision matmul on AMX/AVX512-BF16 only when
+    both operands and the result are row-major (N, K) @ (K, M) -> (N, M); given a transposed operand it folds the
+    transpose into the matmul and upcasts it to float32 (4x slower), and a transposed result fails at run time
+    ("Unsupported element type for DotThunk::Execute: BF16 x BF16 = F32"). Flattening behind an optimization
+    barrier forces the layout: a bitcast for an already row-major array, one copy for a transposed one."""
+    return jax.lax.optimization_barrier(a.reshape(-1)).reshape(a.shape)
+
+
+def _matmul_tn(a, b):
+    """a^T @ b over the last two axes, (..., N, K) and (..., N, M) -> (..., K, M), accumulated in float32: the
+    weight-gradient form. For a half dtype on CPU, the smaller of a and b is transposed into row-major memory (XLA's
+    transposes are slow: ~3 ns per element) and the product taken in the NN form that runs on AMX."""
+    def nn(x, y):
+        return _row_major(jnp.einsum("...ij,...jk->...ik", x, y, preferred_element_type=jnp.float32))
+    if not _half_on_cpu(a):
+        return jnp.einsum("...nk,...nm->...km", a, b, preferred_element_type=jnp.float32)
+    if a.shape[-1] <= b.shape[-1]:
+        return nn(_row_major(a.swapaxes(-1, -2)), b)
+    return nn(_row_major(b.swapaxes(-1, -2)), a).swapaxes(-1, -2)
+
+
+@jax.custom_vjp
+def _half_matmul(x, w):
+    return jnp.dot(x, w.astype(x.dtype), preferred_element_type=jnp.float32)
+
+
+def _half_matmul_fwd(x, w):
+    return _half_matmul(x, w), (x, w)
+
+
+def _half_matmul_bwd(residuals, g):
+    x, w = residuals
+    g, w_t = g.astype(x.dtype), w.astype(x.dtype).T  # (N, M), (M, K)
+    if _half_on_cpu(x):
+        w_t = _row_major(w_t)
+    dx = jnp.dot(g, w_t, preferred_element_type=jnp.float32)  # (N, K)
+    return dx.astype(x.dtype), _matmul_tn(x, g).astype(w.dtype)  # dw: (K, M)
+
+
+_half_matmul.defvjp(_half_matmul_fwd, _half_matmul_bwd)
