@@ -1,6 +1,7 @@
 """jaxgpt's GPT against Hugging Face's GPT2LMHeadModel (the reference), plus properties of the model itself."""
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -155,3 +156,18 @@ def test_bf16_gradients_as_accurate_as_torch_autocast(make_hf_gpt2):
     # the float32 GELU: worst 0.0151).
     assert 0 < ours.mean() <= 1.25 * theirs.mean()
     assert ours.max() <= 2 * theirs.max()
+
+
+@pytest.mark.parametrize("remat", ["full", "dots"])
+def test_remat_gives_the_same_gradients(remat):
+    """Activation checkpointing (with scan over layers, as the large configs use it) recomputes the forward pass,
+    through the hand-written attention and matmul backward passes, to the same float32 gradients."""
+    idx = tokens(100, 2, 300)
+    grads = {}
+    for policy in ("none", remat):
+        model = build(GPTConfig(vocab_size=128, valid_vocab_size=100, n_layer=2, n_head=4, n_embd=64,
+                                block_size=320, scan_layers=True, remat=policy))
+        loss = lambda m: cross_entropy(m(jnp.asarray(idx))[0][:, :-1], jnp.asarray(idx[:, 1:]))  # noqa: E731
+        grads[policy] = [np.asarray(g) for g in jax.tree.leaves(nnx.grad(loss)(model))]
+    for a, b in zip(grads["none"], grads[remat], strict=True):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
