@@ -239,7 +239,7 @@ class GPT(nnx.Module):
         """Weight-tied head. Padded vocab rows get -inf logits: softmax gives them probability 0, so they are
         never sampled, and since targets are real tokens they never change a loss (nor receive gradient)."""
         B, T, C = x.shape
-        logits = ops.matmul(x.reshape(B * T, C), self.wte.embedding[...].T).reshape(B, T, -1)
+        logits = ops.matmul_nt(x.reshape(B * T, C), self.wte.embedding[...]).reshape(B, T, -1)
         if self.config.n_valid_vocab < self.config.vocab_size:
             logits = jnp.where(jnp.arange(self.config.vocab_size) < self.config.n_valid_vocab, logits, -jnp.inf)
         return logits
