@@ -78,7 +78,7 @@ def matmul(x, w):
     to that dtype anyway; for the logits it rounds the loss gradient to bfloat16. w's gradient stays float32."""
     if x.dtype == jnp.float32:
         return jnp.dot(x, w.astype(jnp.float32), preferred_element_type=jnp.float32)
-    return _half_matmul(x, w)
+    return _half_matmul(x, w, False)
 
 
 def matmul_nt(x, w):
@@ -89,26 +89,7 @@ def matmul_nt(x, w):
     multiplies in half precision as `matmul` does."""
     if x.dtype == jnp.float32:
         return matmul(x, w.T)
-    return _half_matmul_nt(x, w)
-
-
-@jax.custom_vjp
-def _half_matmul_nt(x, w):
-    return jax.lax.dot_general(x, w.astype(x.dtype), (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-
-
-def _half_matmul_nt_fwd(x, w):
-    return _half_matmul_nt(x, w), (x, w)
-
-
-def _half_matmul_nt_bwd(residuals, g):
-    x, w = residuals
-    g = g.astype(x.dtype)  # (N, M)
-    dx = jnp.dot(g, w.astype(x.dtype), preferred_element_type=jnp.float32)  # (N, K)
-    return dx.astype(x.dtype), _matmul_tn(g, x).astype(w.dtype)  # dw: (M, K)
-
-
-_half_matmul_nt.defvjp(_half_matmul_nt_fwd, _half_matmul_nt_bwd)
+    return _half_matmul(x, w, True)
 
 
 def _half_on_cpu(a) -> bool:
@@ -141,22 +122,27 @@ def _matmul_tn(a, b):
     return nn(_row_major(b.swapaxes(-1, -2)), a).swapaxes(-1, -2)
 
 
-@jax.custom_vjp
-def _half_matmul(x, w):
-    return jnp.dot(x, w.astype(x.dtype), preferred_element_type=jnp.float32)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _half_matmul(x, w, w_transposed: bool):
+    """x @ w for w (K, M), or x @ w^T for w (M, K) when w_transposed; in x's dtype, accumulated in float32."""
+    contracted = 1 if w_transposed else 0
+    return jax.lax.dot_general(x, w.astype(x.dtype), (((1,), (contracted,)), ((), ())),
+                               preferred_element_type=jnp.float32)
 
 
-def _half_matmul_fwd(x, w):
-    return _half_matmul(x, w), (x, w)
+def _half_matmul_fwd(x, w, w_transposed):
+    return _half_matmul(x, w, w_transposed), (x, w)
 
 
-def _half_matmul_bwd(residuals, g):
+def _half_matmul_bwd(w_transposed, residuals, g):
     x, w = residuals
-    g, w_t = g.astype(x.dtype), w.astype(x.dtype).T  # (N, M), (M, K)
-    if _half_on_cpu(x):
-        w_t = _row_major(w_t)
-    dx = jnp.dot(g, w_t, preferred_element_type=jnp.float32)  # (N, K)
-    return dx.astype(x.dtype), _matmul_tn(x, g).astype(w.dtype)  # dw: (K, M)
+    g, w_half = g.astype(x.dtype), w.astype(x.dtype)  # g: (N, M)
+    if w_transposed:  # w: (M, K), already the row-major right operand of dx
+        dx, dw = jnp.dot(g, w_half, preferred_element_type=jnp.float32), _matmul_tn(g, x)
+    else:  # w: (K, M)
+        w_t = _row_major(w_half.T) if _half_on_cpu(x) else w_half.T  # (M, K)
+        dx, dw = jnp.dot(g, w_t, preferred_element_type=jnp.float32), _matmul_tn(x, g)
+    return dx.astype(x.dtype), dw.astype(w.dtype)  # (N, K), w's shape
 
 
 _half_matmul.defvjp(_half_matmul_fwd, _half_matmul_bwd)
