@@ -92,6 +92,22 @@ def test_steps_per_call_matches_one_step_per_call(char_data, tmp_path):
     assert logged[0] == logged[1] and [step for step, _ in logged[0]] == [4, 8, 12]
 
 
+def test_training_and_evaluation_compile_once_ahead_of_the_first_call(char_data, tmp_path, caplog):
+    """compile_ahead's executables are the ones the loop runs: had its shapes or shardings missed jit's cache,
+    train_steps would compile a second time at the first call."""
+    config = make_config(**{"data.dir": char_data, "max_steps": 10, "steps_per_call": 5, "log_every": 5,
+                            "eval_every": 10, "eval_iters": 2, "sample_tokens": 0})
+    jax.config.update("jax_log_compiles", True)  # globally: a `with jax.log_compiles()` is this thread's only
+    try:
+        with caplog.at_level("WARNING"):
+            train.train(config, str(tmp_path))
+    finally:
+        jax.config.update("jax_log_compiles", False)
+    compiled = [r.getMessage().split()[4] for r in caplog.records
+                if r.getMessage().startswith("Finished XLA compilation of jit(")]
+    assert compiled.count("jit(train_steps)") == 1 and compiled.count("jit(eval_loss)") == 1, compiled
+
+
 def test_call_length_ends_calls_on_log_eval_and_checkpoint_steps():
     config = make_config(steps_per_call=5, log_every=4, eval_every=6, max_steps=14)
     step, lengths = 0, []
