@@ -1,6 +1,6 @@
 """nanoGPT's CPU recipe on tinyshakespeare, jaxgpt vs PyTorch (HF GPT2LMHeadModel + torch.optim.AdamW), one run.
 
-    python bench/train_cpu.py [--input=../shared/data/tinyshakespeare.txt] [--steps=2000]
+    python bench/train_cpu.py [--input=../shared/data/tinyshakespeare.txt] [--steps=2000] [--rounds=2]
 
 Both sides train 4L/4H/128, T=64, B=12, dropout 0, for --steps steps (2000: the recipe) with AdamW (b2 0.99,
 weight decay 0.1 on 2-D weights, clip 1.0) under the same warmup-cosine schedule (1e-3 peak, 100 warmup steps,
@@ -9,12 +9,19 @@ val batches every 250 steps and at the end, saving a checkpoint at each evaluati
 its own `jaxgpt.train.train` on configs/shakespeare_char_cpu.py with the text sample turned off (nanoGPT samples
 nothing while training). Wall time covers model build, compilation, training, evaluations and checkpoints; the
 data is prepared once beforehand. The PyTorch model has nanoGPT's 65-row vocabulary (jaxgpt pads to 128 rows).
+
+Each run is a fresh process (no compile cache or allocator state carried over), and the sides alternate in ABBA
+order over --rounds rounds (jaxgpt, PyTorch, PyTorch, jaxgpt, ...): this shared machine's speed drifts by 10-15%
+over half an hour, and a drift then weighs on both sides alike. The ratio compares the medians.
 """
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import statistics
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -28,6 +35,8 @@ flags.DEFINE_string("input", os.path.join(REPO, "..", "shared", "data", "tinysha
 flags.DEFINE_string("data_dir", os.path.join(REPO, "data", "shakespeare_char"), "Prepared char shards.")
 flags.DEFINE_integer("steps", 2000, "Training steps (the recipe: 2000; fewer for a smoke run).")
 flags.DEFINE_bool("torch_compile", False, "torch.compile the PyTorch model (nanoGPT's CPU recipe does not).")
+flags.DEFINE_integer("rounds", 2, "Runs of each side, in ABBA order (1: jaxgpt then PyTorch).")
+flags.DEFINE_enum("side", None, ["jaxgpt", "torch"], "Internal: run one side in this process and print JSON.")
 
 
 def recipe_config():
@@ -103,29 +112,46 @@ def run_torch(config, workdir: str) -> tuple[float, float]:
     return time.perf_counter() - start, val
 
 
-def main(argv):
-    del argv
-    import torch
-    logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
-
+def run_side(side: str) -> dict:
+    """One run of one side in this process: {"wall": seconds, "val": final val loss}."""
     from jaxgpt import train
     config = recipe_config()
-    train.prepare_data(config, is_main=True)  # once, outside both timings
-    rows = []
-    for name, run in (("jaxgpt", run_jaxgpt), ("PyTorch eager" + (" +compile" if FLAGS.torch_compile else ""),
-                                                run_torch)):
-        workdir = tempfile.mkdtemp(prefix="train_cpu_")
-        try:
-            wall, val = run(config, workdir)
-        finally:
-            shutil.rmtree(workdir, ignore_errors=True)
-        rows.append((name, wall, val))
-    base = rows[1][1]
+    train.prepare_data(config, is_main=True)  # already prepared by the parent: finds the shards
+    workdir = tempfile.mkdtemp(prefix="train_cpu_")
+    try:
+        wall, val = (run_jaxgpt if side == "jaxgpt" else run_torch)(config, workdir)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return {"wall": wall, "val": val}
+
+
+def main(argv):
+    del argv
+    logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
+    if FLAGS.side:
+        print(json.dumps(run_side(FLAGS.side)))
+        return
+    from jaxgpt import train
+    train.prepare_data(recipe_config(), is_main=True)  # once, outside every timing
+    order = [side for r in range(FLAGS.rounds) for side in (("jaxgpt", "torch") if r % 2 == 0 else ("torch", "jaxgpt"))]
+    names = {"jaxgpt": "jaxgpt", "torch": "PyTorch eager" + (" +compile" if FLAGS.torch_compile else "")}
+    runs = {"jaxgpt": [], "torch": []}
+    passed = [f"--{name}={getattr(FLAGS, name)}" for name in ("input", "data_dir", "steps", "torch_compile")]
+    for side in order:
+        out = subprocess.run([sys.executable, os.path.abspath(__file__), f"--side={side}", *passed],
+                             capture_output=True, text=True, check=True).stdout
+        runs[side].append(json.loads(out.strip().splitlines()[-1]))
+        print(f"run {len(runs['jaxgpt']) + len(runs['torch'])}: {names[side]} {runs[side][-1]['wall']:.1f} s, "
+              f"val loss {runs[side][-1]['val']:.4f}", flush=True)
+    base = statistics.median(r["wall"] for r in runs["torch"])
+    import torch
     print(f"\nnanoGPT CPU recipe, {FLAGS.steps} steps, {torch.get_num_threads()} torch threads, "
-          f"{os.cpu_count()} CPUs")
+          f"{os.cpu_count()} CPUs, {FLAGS.rounds} run(s) per side in ABBA order, medians")
     print(f"{'':16s} {'wall s':>8s} {'ms/step':>8s} {'val loss':>9s} {'wall vs PyTorch':>16s}")
-    for name, wall, val in rows:
-        print(f"{name:16s} {wall:8.1f} {1e3 * wall / FLAGS.steps:8.1f} {val:9.4f} {wall / base:15.2f}x")
+    for side in ("jaxgpt", "torch"):
+        wall = statistics.median(r["wall"] for r in runs[side])
+        print(f"{names[side]:16s} {wall:8.1f} {1e3 * wall / FLAGS.steps:8.1f} {runs[side][-1]['val']:9.4f} "
+              f"{wall / base:15.2f}x")
 
 
 if __name__ == "__main__":
