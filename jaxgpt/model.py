@@ -142,8 +142,7 @@ class CausalSelfAttention(nnx.Module):
         B, T, C = x.shape
         qkv = self.c_attn(x).reshape(B, T, 3, self.n_head, C // self.n_head)  # (B, T, 3, n_head, head_dim)
         if cache is None and self.implementation == "xla":
-            q, k, v = qkv.transpose(2, 0, 3, 1, 4)  # each (B, n_head, T, head_dim)
-            y = ops.causal_attention(q, k, v).transpose(0, 2, 1, 3)  # (B, T, n_head, head_dim)
+            y = ops.causal_attention(qkv)  # (B, T, n_head, head_dim)
         else:
             q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # each (B, T, n_head, head_dim)
             if cache is None:

@@ -5,7 +5,9 @@ Both compute exactly what the plain jnp expressions compute. They exist for XLA'
 default forms are slow:
 - a half-precision matmul whose cotangent is float32 runs in float32;
 - transposed (TN) half-precision matmuls are upcast to float32;
-- batched attention matmuls reach a fraction of the GEMM rate.
+- batched attention matmuls reach a fraction of the GEMM rate;
+- left to autodiff, the head split and merge around attention and the sum of the query blocks' gradients become
+  one loop fusion of pads, adds, transposes and bfloat16 round trips (~5 ns per element, 15% of a bf16 step).
 
 Measured figures are in bench/RESULTS.md. On GPU the same code runs; the CPU layout workarounds switch off there.
 """
@@ -19,53 +21,67 @@ import jax.numpy as jnp
 from jaxgpt import sharding
 
 
-def causal_attention(q, k, v, block: int = 128):
-    """Causal softmax attention over heads-major (B, n_head, T, head_dim) q, k, v; what
-    jax.nn.dot_product_attention(..., is_causal=True, implementation='xla') computes (float32 scores and softmax,
-    masked with the same large negative number), written as batched matmuls with the batch and head axes leading,
-    which XLA's CPU backend runs and differentiates several times faster than that function's vmapped
-    (B, T, n_head, head_dim) form. Queries go in blocks of `block` rows, each against only the keys up to its last
-    row, so the fully masked blocks above the diagonal are never computed: at T = 2 * block that skips 1/4 of the
-    score matrix, at T = 8 * block 7/16 (forward+backward 59 -> 40 ms per layer at T=256, 166 -> 94 at T=1024)."""
-    blocks = [_attention_block(q[:, :, start:start + block], k[:, :, :start + block], v[:, :, :start + block], start)
-              for start in range(0, q.shape[2], block)]  # each (B, n_head, rows, head_dim)
-    return jnp.concatenate(blocks, axis=2)  # (B, n_head, T, head_dim)
+def causal_attention(qkv, block: int = 128):
+    """Causal softmax attention straight from c_attn's output: qkv (B, T, 3, n_head, head_dim) -> y (B, T, n_head,
+    head_dim); what jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation='xla') computes (float32
+    scores and softmax, masked with the same large negative number).
+
+    Inside, q, k and v go heads-major, (B, n_head, T, head_dim), so the products are batched matmuls with the batch
+    and head axes leading, which XLA's CPU backend runs and differentiates several times faster than that
+    function's vmapped form. Queries go in blocks of `block` rows, each against only the keys up to its last row,
+    so the fully masked blocks above the diagonal are never computed: at T = 2 * block that skips 1/4 of the score
+    matrix, at T = 8 * block 7/16 (forward+backward 59 -> 40 ms per layer at T=256, 166 -> 94 at T=1024).
+
+    The backward pass is written by hand (one custom VJP for the whole op, head split and merge included): every
+    matmul in the compute dtype, the blocks' key and value gradients summed in float32, and the gradient written
+    once, in qkv's layout and dtype (bf16 step at 6L/384 T=256: 872 -> 745 ms; see bench/RESULTS.md)."""
+    return _causal_attention(qkv, block)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _attention_block(q, k, v, start: int):
-    """Query rows start.. of q (B, n_head, rows, head_dim) against keys and values 0..start + rows."""
-    return _attention_block_fwd(q, k, v, start)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _causal_attention(qkv, block):
+    return _causal_attention_fwd(qkv, block)[0]
 
 
-def _attention_block_fwd(q, k, v, start):
-    rows, keys = q.shape[2], k.shape[2]
-    scores = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)  # (B, n_head, rows, keys)
-    visible = jnp.arange(start, start + rows)[:, None] >= jnp.arange(keys)[None, :]  # (rows, keys)
-    scores = jnp.where(visible, scores * q.shape[-1] ** -0.5, -0.7 * jnp.finfo(jnp.float32).max)
-    probs = jax.nn.softmax(scores, axis=-1)  # float32
-    y = jnp.einsum("bhqk,bhkd->bhqd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    return y.astype(v.dtype), (q, k, v, probs)
+def _causal_attention_fwd(qkv, block):
+    q, k, v = qkv.transpose(2, 0, 3, 1, 4)  # each (B, n_head, T, head_dim)
+    ys, probs = [], []
+    for start in range(0, q.shape[2], block):
+        end = start + block
+        scores = jnp.einsum("bhqd,bhkd->bhqk", q[:, :, start:end], k[:, :, :end],
+                            preferred_element_type=jnp.float32)  # (B, n_head, rows, keys)
+        rows, keys = scores.shape[2:]
+        visible = jnp.arange(start, start + rows)[:, None] >= jnp.arange(keys)[None, :]  # (rows, keys)
+        scores = jnp.where(visible, scores * q.shape[-1] ** -0.5, -0.7 * jnp.finfo(jnp.float32).max)
+        probs.append(jax.nn.softmax(scores, axis=-1))  # float32
+        ys.append(jnp.einsum("bhqk,bhkd->bhqd", probs[-1].astype(v.dtype), v[:, :, :end],
+                             preferred_element_type=jnp.float32).astype(v.dtype))  # (B, n_head, rows, head_dim)
+    y = jnp.concatenate(ys, axis=2).transpose(0, 2, 1, 3)  # (B, T, n_head, head_dim)
+    return y, (q, k, v, probs)
 
 
-def _attention_block_bwd(start, residuals, dy):
-    """The backward pass with every matmul in the compute dtype (autodiff would multiply float32 cotangents by
-    half-precision operands: float32 matmuls). The score gradient is rounded to that dtype first, as under
-    PyTorch's autocast; in float32 this is exactly autodiff's arithmetic."""
-    del start
+def _causal_attention_bwd(block, residuals, dy):
+    """Every matmul in the compute dtype (autodiff would multiply float32 cotangents by half-precision operands:
+    float32 matmuls), the score gradient rounded to that dtype first, as under PyTorch's autocast; in float32 this
+    is exactly autodiff's arithmetic."""
     q, k, v, probs = residuals
     dtype = v.dtype
-    dy = dy.astype(dtype)
-    dv = _matmul_tn(probs.astype(dtype), dy)  # (B, n_head, keys, head_dim)
-    dprobs = jnp.einsum("bhqd,bhkd->bhqk", dy, v, preferred_element_type=jnp.float32)  # (B, n_head, rows, keys)
-    dscores = probs * (dprobs - jnp.sum(dprobs * probs, axis=-1, keepdims=True))  # 0 where masked (probs == 0)
-    dscores = (dscores * q.shape[-1] ** -0.5).astype(dtype)
-    dq = jnp.einsum("bhqk,bhkd->bhqd", dscores, k, preferred_element_type=jnp.float32)
-    dk = _matmul_tn(dscores, q)  # (B, n_head, keys, head_dim)
-    return dq.astype(dtype), dk.astype(dtype), dv.astype(dtype)
+    dy = dy.astype(dtype).transpose(0, 2, 1, 3)  # (B, n_head, T, head_dim)
+    dq, dk, dv = [], jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32)
+    for start, p in zip(range(0, q.shape[2], block), probs):
+        end = start + block
+        dy_rows = dy[:, :, start:end]
+        dprobs = jnp.einsum("bhqd,bhkd->bhqk", dy_rows, v[:, :, :end], preferred_element_type=jnp.float32)
+        dscores = p * (dprobs - jnp.sum(dprobs * p, axis=-1, keepdims=True))  # 0 where masked (p == 0)
+        dscores = (dscores * q.shape[-1] ** -0.5).astype(dtype)  # (B, n_head, rows, keys)
+        dq.append(jnp.einsum("bhqk,bhkd->bhqd", dscores, k[:, :, :end], preferred_element_type=jnp.float32))
+        dk = dk.at[:, :, :end].add(_matmul_tn(dscores, q[:, :, start:end]))  # (B, n_head, keys, head_dim)
+        dv = dv.at[:, :, :end].add(_matmul_tn(p.astype(dtype), dy_rows))
+    dqkv = jnp.stack([jnp.concatenate(dq, axis=2), dk, dv])  # (3, B, n_head, T, head_dim) float32
+    return (dqkv.transpose(1, 3, 0, 2, 4).astype(dtype),)  # (B, T, 3, n_head, head_dim)
 
 
-_attention_block.defvjp(_attention_block_fwd, _attention_block_bwd)
+_causal_attention.defvjp(_causal_attention_fwd, _causal_attention_bwd)
 
 
 def matmul(x, w):
