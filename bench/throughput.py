@@ -8,8 +8,9 @@ as nanoGPT does). One step is forward, backward, global-norm clipping and an Ada
 jitted `jaxgpt.train` step (config.model.dtype float32 or bfloat16: bf16 matmuls accumulating in f32 over f32
 master weights); PyTorch runs HF GPT2LMHeadModel with torch.optim.AdamW, eagerly in f32 and under
 torch.autocast(bfloat16) (and torch.compile'd with --torch_compile). Every figure is the median of --steps timed
-steps after untimed warm-up steps. "of ceiling" divides the achieved FLOP/s (nanoGPT's 6N + 12LTC per token) by
-XLA's own big-matmul rate on this machine at that precision, measured here first.
+steps after untimed warm-up steps, the implementations' steps timed in turn (jaxgpt, PyTorch, jaxgpt, ...) so
+that a drift in the machine's speed weighs on both. "of ceiling" divides the achieved FLOP/s (nanoGPT's 6N +
+12LTC per token) by XLA's own big-matmul rate on this machine at that precision, measured here first.
 """
 from __future__ import annotations
 
@@ -43,14 +44,22 @@ def cpu_name() -> str:
 
 def timed(fn, steps: int, warmup: int = 2) -> float:
     """Median seconds of fn() over `steps` calls after `warmup` untimed ones."""
+    return interleaved([fn], steps, warmup)[0]
+
+
+def interleaved(fns: list, steps: int, warmup: int = 2) -> list[float]:
+    """Median seconds per call of each fn, timing them in turn (a, b, a, b, ...) after `warmup` untimed rounds, so
+    a drift in this shared machine's speed weighs on every fn alike."""
     for _ in range(warmup):
-        fn()
-    times = []
+        for fn in fns:
+            fn()
+    times = [[] for _ in fns]
     for _ in range(steps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for fn, fn_times in zip(fns, times):
+            start = time.perf_counter()
+            fn()
+            fn_times.append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]
 
 
 def matmul_ceiling(dtype: str, n: int = 2048) -> float:
@@ -73,7 +82,7 @@ def train_config(shape: dict, batch: int, dtype: str):
     return c
 
 
-def jaxgpt_step_seconds(shape: dict, batch: int, dtype: str, flops_per_token: dict) -> float:
+def jaxgpt_step(shape: dict, batch: int, dtype: str, flops_per_token: dict):
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -97,10 +106,10 @@ def jaxgpt_step_seconds(shape: dict, batch: int, dtype: str, flops_per_token: di
         nonlocal state
         state, step_metrics = steps.train_steps(state, batch_arrays)
         jax.block_until_ready(step_metrics)
-    return timed(step, FLAGS.steps)
+    return step
 
 
-def torch_step_seconds(shape: dict, batch: int, dtype: str, compiled: bool) -> float:
+def torch_step(shape: dict, batch: int, dtype: str, compiled: bool):
     import torch
     import transformers
     torch.manual_seed(0)
@@ -121,7 +130,7 @@ def torch_step_seconds(shape: dict, batch: int, dtype: str, compiled: bool) -> f
         loss.backward()
         torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
         opt.step()
-    return timed(step, FLAGS.steps)
+    return step
 
 
 def main(argv):
@@ -141,14 +150,15 @@ def main(argv):
         tokens = batch * shape["block_size"]
         for dtype in DTYPES:
             flops_per_token = {}
-            rows = [("jaxgpt", jaxgpt_step_seconds(shape, batch, dtype, flops_per_token))]
             torch_name = "PyTorch " + ("eager f32" if dtype == "float32" else "autocast bf16")
-            rows.append((torch_name, torch_step_seconds(shape, batch, dtype, compiled=False)))
+            steps = [("jaxgpt", jaxgpt_step(shape, batch, dtype, flops_per_token)),
+                     (torch_name, torch_step(shape, batch, dtype, compiled=False))]
             if FLAGS.torch_compile:
                 try:
-                    rows.append((torch_name + " +compile", torch_step_seconds(shape, batch, dtype, compiled=True)))
+                    steps.append((torch_name + " +compile", torch_step(shape, batch, dtype, compiled=True)))
                 except Exception as e:  # noqa: BLE001 -- report a broken torch.compile, keep the other rows
                     print(f"torch.compile failed: {type(e).__name__}: {str(e)[:200]}")
+            rows = list(zip([name for name, _ in steps], interleaved([fn for _, fn in steps], FLAGS.steps)))
             for impl, seconds in rows:
                 flops = flops_per_token[dtype] * tokens / seconds
                 print(f"{label:18s} {dtype:9s} {impl:22s} {1e3 * seconds:9.1f} {tokens / seconds:9.0f} "
