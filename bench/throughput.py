@@ -1,6 +1,6 @@
-"""Train-step throughput on this CPU, jaxgpt vs PyTorch, f32 and bf16, in one run.
+"""Train-step throughput on this CPU, jaxgpt vs PyTorch, f32 and bf16, one table.
 
-    python bench/throughput.py [--shapes=char,124m] [--batch_124m=1] [--steps=5] [--torch_compile]
+    python bench/throughput.py [--shapes=char,124m] [--batch_124m=1] [--steps=5] [--rounds=2] [--torch_compile]
 
 Shapes: `char` is nanoGPT's shakespeare_char model (6L/6H/384, T=256, B=12, 65-token vocabulary; jaxgpt pads it
 to 128 rows); `124m` is GPT-2 124M at T=1024 with a small batch (vocabulary 50257, padded to 50304 on both sides
@@ -8,16 +8,19 @@ as nanoGPT does). One step is forward, backward, global-norm clipping and an Ada
 jitted `jaxgpt.train` step (config.model.dtype float32 or bfloat16: bf16 matmuls accumulating in f32 over f32
 master weights); PyTorch runs HF GPT2LMHeadModel with torch.optim.AdamW, eagerly in f32 and under
 torch.autocast(bfloat16) (and torch.compile'd with --torch_compile). Every figure is the median of --steps timed
-steps after untimed warm-up steps, the implementations' steps timed in turn (jaxgpt, PyTorch, jaxgpt, ...) so
-that a drift in the machine's speed weighs on both. "of ceiling" divides the achieved FLOP/s (nanoGPT's 6N +
+steps after untimed warm-up steps. Each implementation runs in a fresh process (sharing one with the other framework
+slowed jaxgpt's 124M step by ~15%), alternating in ABBA order over --rounds, and the medians are compared: this
+shared machine's speed drifts by 10-20% within half an hour. "of ceiling" divides the achieved FLOP/s (nanoGPT's 6N +
 12LTC per token) by XLA's own big-matmul rate on this machine at that precision, measured here first.
 """
 from __future__ import annotations
 
+import json
 import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
 
 import numpy as np
@@ -28,6 +31,8 @@ flags.DEFINE_list("shapes", ["char", "124m"], "Which shapes to run: char, 124m."
 flags.DEFINE_integer("batch_124m", 1, "Sequences per step for the 124M shape.")
 flags.DEFINE_integer("steps", 5, "Timed steps per measurement (after warm-up).")
 flags.DEFINE_bool("torch_compile", False, "Also time torch.compile'd PyTorch (slow to compile on 2 cores).")
+flags.DEFINE_integer("rounds", 2, "Runs of each implementation per shape and dtype, in ABBA order.")
+flags.DEFINE_string("run", None, "Internal: 'implementation,shape,dtype' to time in this process; prints JSON.")
 
 SHAPES = {  # name -> model shape, batch, tokenizer vocabulary, rows of the PyTorch embedding
     "char": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, batch=12, vocab=65, torch_rows=65),
@@ -44,22 +49,14 @@ def cpu_name() -> str:
 
 def timed(fn, steps: int, warmup: int = 2) -> float:
     """Median seconds of fn() over `steps` calls after `warmup` untimed ones."""
-    return interleaved([fn], steps, warmup)[0]
-
-
-def interleaved(fns: list, steps: int, warmup: int = 2) -> list[float]:
-    """Median seconds per call of each fn, timing them in turn (a, b, a, b, ...) after `warmup` untimed rounds, so
-    a drift in this shared machine's speed weighs on every fn alike."""
     for _ in range(warmup):
-        for fn in fns:
-            fn()
-    times = [[] for _ in fns]
+        fn()
+    times = []
     for _ in range(steps):
-        for fn, fn_times in zip(fns, times):
-            start = time.perf_counter()
-            fn()
-            fn_times.append(time.perf_counter() - start)
-    return [statistics.median(t) for t in times]
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def matmul_ceiling(dtype: str, n: int = 2048) -> float:
@@ -133,36 +130,59 @@ def torch_step(shape: dict, batch: int, dtype: str, compiled: bool):
     return step
 
 
+def run_one(impl: str, name: str, dtype: str) -> dict:
+    """Seconds per step of one implementation in this process, and the model's FLOPs per token."""
+    shape = SHAPES[name]
+    batch = shape["batch"] or FLAGS.batch_124m
+    flops_per_token = {}
+    if impl == "jaxgpt":
+        step = jaxgpt_step(shape, batch, dtype, flops_per_token)
+    else:
+        step = torch_step(shape, batch, dtype, compiled=impl == "torch_compile")
+    return {"seconds": timed(step, FLAGS.steps), "flops_per_token": flops_per_token.get(dtype)}
+
+
 def main(argv):
     del argv
+    if FLAGS.run:
+        print(json.dumps(run_one(*FLAGS.run.split(","))))
+        return
     import jax
     import torch
     ceilings = {d: matmul_ceiling(d) for d in DTYPES}
     print(f"CPU: {cpu_name()}, {os.cpu_count()} cores; jax {jax.__version__}, torch {torch.__version__} "
-          f"({torch.get_num_threads()} threads)")
+          f"({torch.get_num_threads()} threads); each run a fresh process, {FLAGS.rounds} per implementation in "
+          f"ABBA order, medians")
     print("XLA 2048^3 matmul ceiling: " + ", ".join(f"{d} {c / 1e9:.0f} GFLOP/s" for d, c in ceilings.items()))
     print(f"\n{'shape':18s} {'dtype':9s} {'implementation':22s} {'ms/step':>9s} {'tokens/s':>9s} "
           f"{'GFLOP/s':>8s} {'of ceiling':>10s} {'jaxgpt vs this':>14s}")
+    impls = ["jaxgpt", "torch"] + (["torch_compile"] if FLAGS.torch_compile else [])
+    passed = [f"--steps={FLAGS.steps}", f"--batch_124m={FLAGS.batch_124m}"]
     for name in FLAGS.shapes:
         shape = SHAPES[name]
         batch = shape["batch"] or FLAGS.batch_124m
-        label = f"{name} B={batch} T={shape['block_size']}"
-        tokens = batch * shape["block_size"]
+        label, tokens = f"{name} B={batch} T={shape['block_size']}", batch * shape["block_size"]
         for dtype in DTYPES:
-            flops_per_token = {}
-            torch_name = "PyTorch " + ("eager f32" if dtype == "float32" else "autocast bf16")
-            steps = [("jaxgpt", jaxgpt_step(shape, batch, dtype, flops_per_token)),
-                     (torch_name, torch_step(shape, batch, dtype, compiled=False))]
-            if FLAGS.torch_compile:
-                try:
-                    steps.append((torch_name + " +compile", torch_step(shape, batch, dtype, compiled=True)))
-                except Exception as e:  # noqa: BLE001 -- report a broken torch.compile, keep the other rows
-                    print(f"torch.compile failed: {type(e).__name__}: {str(e)[:200]}")
-            rows = list(zip([name for name, _ in steps], interleaved([fn for _, fn in steps], FLAGS.steps)))
-            for impl, seconds in rows:
-                flops = flops_per_token[dtype] * tokens / seconds
-                print(f"{label:18s} {dtype:9s} {impl:22s} {1e3 * seconds:9.1f} {tokens / seconds:9.0f} "
-                      f"{flops / 1e9:8.1f} {flops / ceilings[dtype]:10.1%} {seconds / rows[0][1]:13.2f}x", flush=True)
+            runs = {impl: [] for impl in impls}
+            for r in range(FLAGS.rounds):
+                for impl in (impls if r % 2 == 0 else impls[::-1]):
+                    done = subprocess.run([sys.executable, os.path.abspath(__file__), f"--run={impl},{name},{dtype}",
+                                           *passed], capture_output=True, text=True)
+                    if done.returncode:  # e.g. a broken torch.compile: report it, keep the other rows
+                        print(f"{impl} failed: {done.stderr.strip().splitlines()[-1][:200]}")
+                        continue
+                    runs[impl].append(json.loads(done.stdout.strip().splitlines()[-1]))
+            flops_per_token = runs["jaxgpt"][0]["flops_per_token"]
+            names = {"jaxgpt": "jaxgpt", "torch": "PyTorch " + ("eager f32" if dtype == "float32" else "autocast bf16")}
+            names["torch_compile"] = names["torch"] + " +compile"
+            base = statistics.median(r["seconds"] for r in runs["jaxgpt"])
+            for impl in impls:
+                if not runs[impl]:
+                    continue
+                seconds = statistics.median(r["seconds"] for r in runs[impl])
+                flops = flops_per_token * tokens / seconds
+                print(f"{label:18s} {dtype:9s} {names[impl]:22s} {1e3 * seconds:9.1f} {tokens / seconds:9.0f} "
+                      f"{flops / 1e9:8.1f} {flops / ceilings[dtype]:10.1%} {seconds / base:13.2f}x", flush=True)
 
 
 if __name__ == "__main__":
