@@ -325,11 +325,17 @@ def train(config: ConfigDict, workdir: str) -> TrainState:
     if t.is_main and config.progress_bar:
         from tqdm import tqdm
         bar = tqdm(total=config.max_steps, initial=start, unit="step", dynamic_ncols=True)
+    say = bar.write if bar is not None else functools.partial(log, t.is_main)  # a line that keeps the bar intact
     pending = None  # the last call's metrics, read one call late so the host never stalls the device
     t_last, step_last = time.perf_counter(), start
 
-    def check_finite(first_step, call_metrics):
-        """Raises at the first step of a call whose loss or gradient norm is not finite."""
+    def check_pending():
+        """Raises at the first step of the pending call whose loss or gradient norm is not finite; each call's
+        metrics are fetched and checked once."""
+        nonlocal pending
+        if pending is None:
+            return
+        (first_step, call_metrics), pending = pending, None
         losses, norms = (np.asarray(jax.device_get(call_metrics[k])) for k in ("loss", "grad_norm"))
         bad = np.flatnonzero(~(np.isfinite(losses) & np.isfinite(norms)))
         if bad.size:
@@ -345,14 +351,13 @@ def train(config: ConfigDict, workdir: str) -> TrainState:
         while done < config.max_steps:
             n = call_length(done, config, checkpoint_every)
             state, call_metrics = t.steps.train_steps(state, t.next_batches(n))
-            if pending is not None:
-                check_finite(*pending)
+            check_pending()  # the previous call's, finished by now or soon
             pending = (done + 1, call_metrics)
             done += n
             if bar is not None:
                 bar.update(n)
             if done % config.log_every == 0 or done == config.max_steps:
-                check_finite(*pending)
+                check_pending()
                 values = {k: float(v[-1]) for k, v in jax.device_get(call_metrics).items()}
                 now = time.perf_counter()
                 tok_s = tokens_per_step * (done - step_last) / (now - t_last)
@@ -363,11 +368,11 @@ def train(config: ConfigDict, workdir: str) -> TrainState:
                     values["mfu"] = flops_per_step * (done - step_last) / (now - t_last) / (peak * jax.device_count())
                     line += f", MFU {100 * values['mfu']:.1f}%"
                 writer.write(done, values)
-                (bar.write if bar is not None else lambda s: log(t.is_main, s))(line)
+                say(line)
                 t_last, step_last = now, done
             is_eval = done % config.eval_every == 0 or done == config.max_steps
             if is_eval or done % checkpoint_every == 0:
-                check_finite(*pending)
+                check_pending()
                 val_loss = None
                 if is_eval:
                     val_loss = t.evaluate(state.params)
@@ -379,7 +384,7 @@ def train(config: ConfigDict, workdir: str) -> TrainState:
                         message += f", HellaSwag acc {scores['acc']:.4f} acc_norm {scores['acc_norm']:.4f}"
                     if config.sample_tokens:
                         message += "\n" + t.sample(state.params)
-                    (bar.write if bar is not None else lambda s: log(t.is_main, s))(message)
+                    say(message)
                     t_last = time.perf_counter()  # evaluation time is not training throughput
                 t.save(state, done, val_loss)
     finally:
