@@ -9,10 +9,9 @@ inputs (nothing is allocated or run). Each variant runs in a fresh subprocess so
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 
+import fresh
 from absl import app, flags
 
 FLAGS = flags.FLAGS
@@ -50,9 +49,7 @@ def main(argv):
     print(f"GPT-2 124M train step (configs/124m.py, batch {FLAGS.batch_size} x 8 micro-batches), fresh process each")
     print(f"{'scan_layers':12s} {'trace+lower s':>14s} {'XLA compile s':>14s} {'total s':>8s}")
     for scan in (False, True):
-        out = subprocess.run([sys.executable, __file__, f"--scan_layers={scan}", f"--batch_size={FLAGS.batch_size}"],
-                             capture_output=True, text=True, check=True).stdout
-        r = json.loads(out.strip().splitlines()[-1])
+        r = fresh.run_json(__file__, f"--scan_layers={scan}", f"--batch_size={FLAGS.batch_size}")
         print(f"{scan!s:12s} {r['trace_lower_s']:14.1f} {r['compile_s']:14.1f} {sum(r.values()):8.1f}")
 
 

@@ -20,9 +20,9 @@ import os
 import platform
 import statistics
 import subprocess
-import sys
 import time
 
+import fresh
 import numpy as np
 from absl import app, flags
 
@@ -164,14 +164,14 @@ def main(argv):
         label, tokens = f"{name} B={batch} T={shape['block_size']}", batch * shape["block_size"]
         for dtype in DTYPES:
             runs = {impl: [] for impl in impls}
-            for r in range(FLAGS.rounds):
-                for impl in (impls if r % 2 == 0 else impls[::-1]):
-                    done = subprocess.run([sys.executable, os.path.abspath(__file__), f"--run={impl},{name},{dtype}",
-                                           *passed], capture_output=True, text=True)
-                    if done.returncode:  # e.g. a broken torch.compile: report it, keep the other rows
-                        print(f"{impl} failed: {done.stderr.strip().splitlines()[-1][:200]}")
-                        continue
-                    runs[impl].append(json.loads(done.stdout.strip().splitlines()[-1]))
+            for impl in fresh.abba(impls, FLAGS.rounds):
+                try:
+                    args = (f"--run={impl},{name},{dtype}", *passed)
+                    runs[impl].append(fresh.run_json(os.path.abspath(__file__), *args))
+                except subprocess.CalledProcessError as e:
+                    if impl != "torch_compile":
+                        raise
+                    print(f"torch.compile failed: {e.stderr.strip().splitlines()[-1][:200]}")  # keep the other rows
             flops_per_token = runs["jaxgpt"][0]["flops_per_token"]
             names = {"jaxgpt": "jaxgpt", "torch": "PyTorch " + ("eager f32" if dtype == "float32" else "autocast bf16")}
             names["torch_compile"] = names["torch"] + " +compile"

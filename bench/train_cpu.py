@@ -20,11 +20,10 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 
+import fresh
 import numpy as np
 from absl import app, flags, logging
 
@@ -114,9 +113,7 @@ def run_torch(config, workdir: str) -> tuple[float, float]:
 
 def run_side(side: str) -> dict:
     """One run of one side in this process: {"wall": seconds, "val": final val loss}."""
-    from jaxgpt import train
-    config = recipe_config()
-    train.prepare_data(config, is_main=True)  # already prepared by the parent: finds the shards
+    config = recipe_config()  # its data.dir was prepared by the parent process
     workdir = tempfile.mkdtemp(prefix="train_cpu_")
     try:
         wall, val = (run_jaxgpt if side == "jaxgpt" else run_torch)(config, workdir)
@@ -133,14 +130,11 @@ def main(argv):
         return
     from jaxgpt import train
     train.prepare_data(recipe_config(), is_main=True)  # once, outside every timing
-    order = [side for r in range(FLAGS.rounds) for side in (("jaxgpt", "torch") if r % 2 == 0 else ("torch", "jaxgpt"))]
     names = {"jaxgpt": "jaxgpt", "torch": "PyTorch eager" + (" +compile" if FLAGS.torch_compile else "")}
     runs = {"jaxgpt": [], "torch": []}
     passed = [f"--{name}={getattr(FLAGS, name)}" for name in ("input", "data_dir", "steps", "torch_compile")]
-    for side in order:
-        out = subprocess.run([sys.executable, os.path.abspath(__file__), f"--side={side}", *passed],
-                             capture_output=True, text=True, check=True).stdout
-        runs[side].append(json.loads(out.strip().splitlines()[-1]))
+    for side in fresh.abba(["jaxgpt", "torch"], FLAGS.rounds):
+        runs[side].append(fresh.run_json(os.path.abspath(__file__), f"--side={side}", *passed))
         print(f"run {len(runs['jaxgpt']) + len(runs['torch'])}: {names[side]} {runs[side][-1]['wall']:.1f} s, "
               f"val loss {runs[side][-1]['val']:.4f}", flush=True)
     base = statistics.median(r["wall"] for r in runs["torch"])
