@@ -4,8 +4,12 @@ Only process 0 writes. Also the FLOPs arithmetic behind MFU.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
+import socket
+import struct
+import time
 
 import jax
 
@@ -36,8 +40,7 @@ class MetricWriter:
             return
         os.makedirs(workdir, exist_ok=True)
         self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
-        from tensorboardX import SummaryWriter
-        self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        self.tb = EventFile(os.path.join(workdir, "tensorboard"))
         if config.wandb_project:
             try:
                 import wandb
@@ -52,8 +55,7 @@ class MetricWriter:
         row = {"step": step, **{k: float(v) for k, v in metrics.items()}}
         self.jsonl.write(json.dumps(row) + "\n")
         self.jsonl.flush()
-        for k, v in metrics.items():
-            self.tb.add_scalar(k, float(v), step)
+        self.tb.write_scalars(step, {k: float(v) for k, v in metrics.items()})
         if self.wandb is not None:
             self.wandb.log(metrics, step=step)
 
@@ -63,3 +65,64 @@ class MetricWriter:
             self.tb.close()
             if self.wandb is not None:
                 self.wandb.finish()
+
+
+class EventFile:
+    """Scalars in a TensorBoard event file (`tensorboard --logdir DIR`): TFRecord-framed `Event` protos, encoded
+    here because tensorboardX imports torch whenever it is installed (1.1 s of every training start)."""
+
+    def __init__(self, logdir: str):
+        os.makedirs(logdir, exist_ok=True)
+        name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}"
+        self.file = open(os.path.join(logdir, name), "ab")
+        self._write(_field(3, 2, b"brain.Event:2"))  # file_version: the first record of every event file
+
+    def write_scalars(self, step: int, scalars: dict[str, float]):
+        for tag, value in scalars.items():  # Summary.Value{tag = 1, simple_value = 2}
+            value_proto = _field(1, 2, tag.encode()) + _field(2, 5, struct.pack("<f", value))
+            self._write(_field(2, 0, step) + _field(5, 2, _field(1, 2, value_proto)))  # Event{step, summary}
+        self.file.flush()
+
+    def _write(self, event_fields: bytes):
+        data = _field(1, 1, struct.pack("<d", time.time())) + event_fields  # Event.wall_time = 1
+        length = struct.pack("<Q", len(data))
+        self.file.write(length + _masked_crc(length) + data + _masked_crc(data))
+
+    def close(self):
+        self.file.close()
+
+
+def _field(number: int, wire_type: int, value) -> bytes:
+    """One protobuf field: wire type 0 takes an int (varint), 2 bytes (length-prefixed), 1 and 5 packed bytes."""
+    if wire_type == 2:
+        value = _varint(len(value)) + value
+    elif wire_type == 0:
+        value = _varint(value)
+    return _varint(number << 3 | wire_type) + value
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    return bytes(out + bytes([n]))
+
+
+def _masked_crc(data: bytes) -> bytes:
+    """TFRecord's masked CRC-32C (Castagnoli) of data, little-endian."""
+    table, crc = _crc32c_table(), 0xFFFFFFFF
+    for byte in data:
+        crc = table[(crc ^ byte) & 0xFF] ^ crc >> 8
+    crc ^= 0xFFFFFFFF
+    return struct.pack("<I", ((crc >> 15 | crc << 17) + 0xA282EAD8) & 0xFFFFFFFF)
+
+
+@functools.cache
+def _crc32c_table() -> list[int]:
+    table = []
+    for n in range(256):
+        for _ in range(8):
+            n = n >> 1 ^ (0x82F63B78 if n & 1 else 0)
+        table.append(n)
+    return table
