@@ -297,10 +297,11 @@ def prepare_data(config: ConfigDict, is_main: bool):
 
 
 def call_length(step: int, config: ConfigDict, checkpoint_every: int) -> int:
-    """Steps in the next jitted call: config.steps_per_call, cut short to end on the next log, eval or checkpoint
-    step (so those stay exact; a steps_per_call that divides them compiles a single call length)."""
+    """Steps in the next jitted call: config.steps_per_call, cut short to end on the next eval or checkpoint step
+    (which need the state there; a steps_per_call that divides them compiles a single call length). Log steps
+    come from the call's per-step metrics and do not end calls."""
     n = min(config.steps_per_call, config.max_steps - step)
-    for every in (config.log_every, config.eval_every, checkpoint_every):
+    for every in (config.eval_every, checkpoint_every):
         n = min(n, every - step % every)
     return n
 
@@ -329,50 +330,52 @@ def train(config: ConfigDict, workdir: str) -> TrainState:
     pending = None  # the last call's metrics, read one call late so the host never stalls the device
     t_last, step_last = time.perf_counter(), start
 
-    def check_pending():
-        """Raises at the first step of the pending call whose loss or gradient norm is not finite; each call's
-        metrics are fetched and checked once."""
-        nonlocal pending
+    def drain():
+        """Fetches the pending call's metrics (once), raises at its first step whose loss or gradient norm is not
+        finite, and writes a line for each log step inside it: log steps do not end calls or wait for the
+        device, and a call's tokens/s is measured when its metrics arrive."""
+        nonlocal pending, t_last, step_last
         if pending is None:
             return
         (first_step, call_metrics), pending = pending, None
-        losses, norms = (np.asarray(jax.device_get(call_metrics[k])) for k in ("loss", "grad_norm"))
-        bad = np.flatnonzero(~(np.isfinite(losses) & np.isfinite(norms)))
+        values = {k: np.asarray(v) for k, v in jax.device_get(call_metrics).items()}  # each (steps in the call,)
+        bad = np.flatnonzero(~(np.isfinite(values["loss"]) & np.isfinite(values["grad_norm"])))
         if bad.size:
             t.manager.wait_until_finished()
             last = t.manager.latest_step()
             kept = (f"The last good checkpoint (step {last}) is kept in {workdir}" if last is not None else
                     f"no checkpoint was saved yet in {workdir}")
-            raise FloatingPointError(f"loss {losses[bad[0]]}, grad norm {norms[bad[0]]} at step "
-                                     f"{first_step + bad[0]}: stopping. {kept}")
+            raise FloatingPointError(f"loss {values['loss'][bad[0]]}, grad norm {values['grad_norm'][bad[0]]} at "
+                                     f"step {first_step + bad[0]}: stopping. {kept}")
+        now = time.perf_counter()
+        tok_s = tokens_per_step * (first_step + len(values["loss"]) - 1 - step_last) / (now - t_last)
+        for i in range(len(values["loss"])):
+            step = first_step + i
+            if step % config.log_every and step != config.max_steps:
+                continue
+            row = {k: float(v[i]) for k, v in values.items()} | {"tokens_per_sec": tok_s}
+            line = (f"step {step}: loss {row['loss']:.4f}, lr {row['lr']:.2e}, grad norm {row['grad_norm']:.3f}, "
+                    f"{tok_s:,.0f} tok/s")
+            if peak:
+                row["mfu"] = flops_per_step * tok_s / tokens_per_step / (peak * jax.device_count())
+                line += f", MFU {100 * row['mfu']:.1f}%"
+            writer.write(step, row)
+            say(line)
+        t_last, step_last = now, first_step + len(values["loss"]) - 1
 
     done = start
     try:
         while done < config.max_steps:
             n = call_length(done, config, checkpoint_every)
             state, call_metrics = t.steps.train_steps(state, t.next_batches(n))
-            check_pending()  # the previous call's, finished by now or soon
+            drain()  # the previous call's, finished by now or soon
             pending = (done + 1, call_metrics)
             done += n
             if bar is not None:
                 bar.update(n)
-            if done % config.log_every == 0 or done == config.max_steps:
-                check_pending()
-                values = {k: float(v[-1]) for k, v in jax.device_get(call_metrics).items()}
-                now = time.perf_counter()
-                tok_s = tokens_per_step * (done - step_last) / (now - t_last)
-                values["tokens_per_sec"] = tok_s
-                line = (f"step {done}: loss {values['loss']:.4f}, lr {values['lr']:.2e}, "
-                        f"grad norm {values['grad_norm']:.3f}, {tok_s:,.0f} tok/s")
-                if peak:
-                    values["mfu"] = flops_per_step * (done - step_last) / (now - t_last) / (peak * jax.device_count())
-                    line += f", MFU {100 * values['mfu']:.1f}%"
-                writer.write(done, values)
-                say(line)
-                t_last, step_last = now, done
             is_eval = done % config.eval_every == 0 or done == config.max_steps
             if is_eval or done % checkpoint_every == 0:
-                check_pending()
+                drain()
                 val_loss = None
                 if is_eval:
                     val_loss = t.evaluate(state.params)
@@ -387,6 +390,7 @@ def train(config: ConfigDict, workdir: str) -> TrainState:
                     say(message)
                     t_last = time.perf_counter()  # evaluation time is not training throughput
                 t.save(state, done, val_loss)
+        drain()
     finally:
         t.manager.wait_until_finished()
         writer.close()

@@ -78,7 +78,8 @@ def test_resume_is_bit_exact(char_data, tmp_path):
 
 def test_steps_per_call_matches_one_step_per_call(char_data, tmp_path):
     """Several optimizer steps per jitted call (a lax.scan) train exactly as one step per call, with calls cut
-    short at log, eval and checkpoint steps, and resume from a checkpoint taken between calls."""
+    short at eval and checkpoint steps, log the same values at log steps inside calls, and resume from a
+    checkpoint taken between calls."""
     common = {"data.dir": char_data, "optim.decay_steps": 12, "log_every": 4, "eval_every": 6, "max_steps": 12,
               "model.dropout": 0.1, "grad_accum_steps": 2, "sample_tokens": 0}
     one = train.train(make_config(**common, steps_per_call=1), str(tmp_path / "one"))
@@ -108,13 +109,13 @@ def test_training_and_evaluation_compile_once_ahead_of_the_first_call(char_data,
     assert compiled.count("jit(train_steps)") == 1 and compiled.count("jit(eval_loss)") == 1, compiled
 
 
-def test_call_length_ends_calls_on_log_eval_and_checkpoint_steps():
+def test_call_length_ends_calls_on_eval_and_checkpoint_steps_only():
     config = make_config(steps_per_call=5, log_every=4, eval_every=6, max_steps=14)
     step, lengths = 0, []
     while step < config.max_steps:
         lengths.append(train.call_length(step, config, checkpoint_every=6))
         step += lengths[-1]
-    assert lengths == [4, 2, 2, 4, 2]  # ends at 4, 6, 8, 12, 14
+    assert lengths == [5, 1, 5, 1, 2]  # ends at 5, 6, 11, 12, 14: log steps 4 and 8 fall inside calls
 
 
 def train_command(workdir, data_dir, *extra):
