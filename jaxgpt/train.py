@@ -349,10 +349,10 @@ def train(config: ConfigDict, workdir: str) -> TrainState:
                     f"no checkpoint was saved yet in {workdir}")
             raise FloatingPointError(f"loss {values['loss'][bad[0]]}, grad norm {values['grad_norm'][bad[0]]} at "
                                      f"step {first_step + bad[0]}: stopping. {kept}")
-        now = time.perf_counter()
-        tok_s = tokens_per_step * (first_step + len(values["loss"]) - 1 - step_last) / (now - t_last)
-        for i in range(len(values["loss"])):
-            step = first_step + i
+        now, last_step = time.perf_counter(), first_step + len(values["loss"]) - 1
+        tok_s = tokens_per_step * (last_step - step_last) / (now - t_last)
+        for step in range(first_step, last_step + 1):
+            i = step - first_step
             if step % config.log_every and step != config.max_steps:
                 continue
             row = {k: float(v[i]) for k, v in values.items()} | {"tokens_per_sec": tok_s}
@@ -363,7 +363,7 @@ def train(config: ConfigDict, workdir: str) -> TrainState:
                 line += f", MFU {100 * row['mfu']:.1f}%"
             writer.write(step, row)
             say(line)
-        t_last, step_last = now, first_step + len(values["loss"]) - 1
+        t_last, step_last = now, last_step
 
     done = start
     try:
