@@ -52,10 +52,10 @@ class MetricWriter:
     def write(self, step: int, metrics: dict):
         if not self.enabled:
             return
-        row = {"step": step, **{k: float(v) for k, v in metrics.items()}}
-        self.jsonl.write(json.dumps(row) + "\n")
+        scalars = {k: float(v) for k, v in metrics.items()}
+        self.jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
         self.jsonl.flush()
-        self.tb.write_scalars(step, {k: float(v) for k, v in metrics.items()})
+        self.tb.write_scalars(step, scalars)
         if self.wandb is not None:
             self.wandb.log(metrics, step=step)
 

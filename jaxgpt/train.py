@@ -220,7 +220,7 @@ class Trainer:
             raise ValueError(f"init_from={self.config.init_from!r}: expected scratch, resume, hf:DIR, "
                              "nanogpt:FILE or ckpt:DIR")
 
-        def fresh_state(params):  # one compilation for the whole state (four separate ones took ~0.6 s more)
+        def fresh_state(params):  # one compilation for the whole state (four separate ones took ~0.5 s more)
             if params is None:
                 params = nnx.state(model.build(self.model_config, self.config.seed), nnx.Param)
             return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.steps.tx.init(params),

@@ -2,6 +2,7 @@
 decode every record, its CRC-32C checks every frame, and its SummaryWriter, given the same scalars, writes the same
 events."""
 import glob
+import pathlib
 import struct
 import time
 
@@ -13,7 +14,7 @@ from jaxgpt import metrics
 def read_events(logdir):
     from tensorboardX.record_writer import masked_crc32c
     (path,) = glob.glob(f"{logdir}/events.out.tfevents.*")
-    events, raw = [], open(path, "rb").read()
+    events, raw = [], pathlib.Path(path).read_bytes()
     while raw:
         header, (length_crc,) = raw[:8], struct.unpack("<I", raw[8:12])
         (length,) = struct.unpack("<Q", header)
