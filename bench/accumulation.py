@@ -14,7 +14,7 @@ import numpy as np
 import optax
 
 from configs import shakespeare_char_cpu
-from jaxgpt import sharding, train
+from jaxgpt import loader, sharding, step
 
 ACCUM, STEPS = 4, 5
 
@@ -32,16 +32,15 @@ def main():
     config = shakespeare_char_cpu.get_config()
     config.grad_accum_steps = ACCUM
     mesh = sharding.make_mesh(config.mesh)
-    model_config = train.model_config(config, vocab_size=65)
-    steps = train.make_steps(config, model_config, mesh)
+    model_config = loader.model_config(config, vocab_size=65)
+    steps = step.make_steps(config, model_config, mesh)
     rng = np.random.default_rng(0)
     batches = [{k: jnp.asarray(rng.integers(0, 65, (1, ACCUM, 12, 64)), jnp.int32) for k in ("inputs", "targets")}
                for _ in range(STEPS)]
-    params = jax.jit(lambda: train.nnx.state(train.model.build(model_config), train.nnx.Param))()
+    params = step.fresh_state(steps, model_config, config.seed).params
 
     def fresh():
-        return train.TrainState(step=jnp.zeros((), jnp.int32), params=jax.tree.map(jnp.copy, params),
-                                opt_state=steps.tx.init(params), rng=jax.random.PRNGKey(1))
+        return step.fresh_state(steps, model_config, config.seed, jax.tree.map(jnp.copy, params))
 
     state = fresh()
     for b in batches:  # warm up (compile) and the reference result
@@ -55,7 +54,7 @@ def main():
     scan_ms = timed(scan_step, 10)
 
     multi = optax.MultiSteps(steps.tx, every_k_schedule=ACCUM)
-    grad = jax.value_and_grad(functools.partial(train.loss_fn, graphdef=steps.graphdef, rng=None))
+    grad = jax.value_and_grad(functools.partial(step.loss_fn, graphdef=steps.graphdef, rng=None))
 
     @functools.partial(jax.jit, donate_argnums=(0, 1))
     def micro_step(params, opt_state, inputs, targets):

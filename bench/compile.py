@@ -25,12 +25,12 @@ def compile_seconds(scan_layers: bool, batch_size: int) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from jaxgpt import sharding, train
+    from jaxgpt import loader, sharding, step
     config = importlib.import_module("configs.124m").get_config()
     config.model.scan_layers, config.batch_size = scan_layers, batch_size
-    model_config = train.model_config(config, 50257)
+    model_config = loader.model_config(config, 50257)
     mesh = sharding.make_mesh(config.mesh)
-    steps = train.make_steps(config, model_config, mesh)
+    steps = step.make_steps(config, model_config, mesh)
     shape = (1, config.grad_accum_steps, batch_size, model_config.block_size)  # one step per call
     batch_spec = jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding.batch_sharding(mesh, ndim=4, batch_axis=2))
     start = time.perf_counter()

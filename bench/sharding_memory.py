@@ -12,7 +12,7 @@ import importlib  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from jaxgpt import sharding, train  # noqa: E402
+from jaxgpt import loader, sharding, step  # noqa: E402
 
 MESHES = {"data parallel (data=8)": (8, 1, 1), "FSDP (fsdp=8)": (1, 8, 1)}
 
@@ -22,8 +22,8 @@ def state_bytes_per_device(config_file: str, mesh_shape) -> tuple[int, int]:
     config.batch_size, config.grad_accum_steps = 8, 1
     config.mesh.data, config.mesh.fsdp, config.mesh.tensor = mesh_shape
     mesh = sharding.make_mesh(config.mesh)
-    model_config = train.model_config(config, vocab_size=50257)
-    steps = train.make_steps(config, model_config, mesh)
+    model_config = loader.model_config(config, vocab_size=50257)
+    steps = step.make_steps(config, model_config, mesh)
     batch = {k: jax.ShapeDtypeStruct((1, 1, 8, model_config.block_size), jnp.int32) for k in ("inputs", "targets")}
     compiled = steps.train_steps.lower(steps.abstract_state, batch).compile()
     batch_bytes = 2 * 8 * model_config.block_size * 4 // mesh.size

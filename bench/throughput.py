@@ -81,18 +81,14 @@ def train_config(shape: dict, batch: int, dtype: str):
 
 def jaxgpt_step(shape: dict, batch: int, dtype: str, flops_per_token: dict):
     import jax
-    import jax.numpy as jnp
-    from flax import nnx
 
-    from jaxgpt import metrics, model, sharding, train
+    from jaxgpt import loader, metrics, sharding
+    from jaxgpt import step as train_step
     config = train_config(shape, batch, dtype)
-    model_config = train.model_config(config, shape["vocab"])
+    model_config = loader.model_config(config, shape["vocab"])
     mesh = sharding.make_mesh(config.mesh)
-    steps = train.make_steps(config, model_config, mesh)
-    params = jax.jit(lambda: nnx.state(model.build(model_config, config.seed), nnx.Param),
-                     out_shardings=steps.state_sharding.params)()
-    state = train.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=steps.tx.init(params),
-                             rng=jax.random.PRNGKey(1))
+    steps = train_step.make_steps(config, model_config, mesh)
+    state = train_step.fresh_state(steps, model_config, config.seed)
     tokens = np.random.default_rng(0).integers(0, shape["vocab"], (1, 1, batch, shape["block_size"] + 1))
     batch_arrays = sharding.host_batch_to_global(
         {"inputs": tokens[..., :-1].astype(np.int32), "targets": tokens[..., 1:].astype(np.int32)}, mesh, batch_axis=2)

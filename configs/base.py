@@ -22,6 +22,8 @@ def get_config() -> ConfigDict:
     c.model.dtype = "float32"  # compute dtype: float32 or bfloat16 (parameters stay float32)
     c.model.scan_layers = False  # compile one block and lax.scan over the layers (faster compiles for big models)
     c.model.remat = "none"  # activation checkpointing per block: none | full | dots
+    c.model.attention = "auto"  # auto | blocked | xla | cudnn: the attention implementation (jaxgpt/ops)
+    c.model.kernels = "fast"  # fast | reference: the kernel set (reference: plain jnp, for checking)
 
     c.data = ConfigDict()
     c.data.dir = "data/shakespeare_char"  # prepared shards (train_*.bin, val_*.bin, tokenizer.json)

@@ -1,29 +1,6 @@
-"""Token shards on disk and the grain pipeline that turns them into training batches.
-
-Shard format (llm.c): a header of 256 int32 (1024 bytes) -- magic 20240520, version 1, token count, zeros --
-then the tokens as uint16. nanoGPT's headerless uint16 train.bin/val.bin are read too. Files are memory-mapped.
-A prepared data directory holds DIR/train_*.bin, DIR/val_*.bin (or train.bin, val.bin) and DIR/tokenizer.json.
-
-Batches: every epoch cuts each shard into consecutive windows of block_size + 1 tokens, starting at a random
-offset (a new one per epoch and shard), and visits all windows of all shards in a shuffled order (grain's
-per-epoch index shuffle); the stream repeats forever. Process p of n takes elements p, p + n, p + 2n, ... of
-that stream, so within an epoch the processes read disjoint windows. A batch is
-{"inputs": int32 (batch_size, block_size), "targets": int32 (batch_size, block_size)}, targets = inputs shifted
-by one token. The iterator of `make_dataset(...)` is a grain DatasetIterator: `it.get_state()` (a small
-JSON-able dict) and `it.set_state(state)` resume the stream exactly.
-
-Token ids >= vocab_size are caught on every window read (cheap, and nothing bad reaches the model);
-`read_shard(path, vocab_size=...)` checks a whole file in chunks when asked (costly on 100M-token shards).
-
-Checkpointing the iterator with orbax (grain 0.2.18, grain/_src/python/checkpoint/handler.py):
-    import grain, orbax.checkpoint as ocp
-    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(train_state),
-                                               data=grain.checkpoint.CheckpointSave(iterator)))
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                                                            data=grain.checkpoint.CheckpointRestore(iterator)))
-CheckpointRestore sets the state of the iterator it is given in place (restored["data"] is that iterator).
-The handler (grain.checkpoint.CheckpointHandler) writes one process_{i}-of-{n}.json per process.
-"""
+"""Token shards on disk (llm.c's format, and nanoGPT's raw train.bin/val.bin) and the grain pipeline that turns them
+into endless training batches {"inputs", "targets"} of shape (batch_size, block_size), resumable exactly through
+the iterator's state. docs/architecture.md describes the shard format and the order of the batches."""
 from __future__ import annotations
 
 import glob

@@ -1,18 +1,7 @@
-"""Evaluation: mean loss / perplexity over a token split, and HellaSwag accuracy.
+"""Evaluation: mean loss / perplexity over a token split, and HellaSwag accuracy (docs/architecture.md).
 
     python -m jaxgpt.evaluate --ckpt=out/model --task=loss --data=data/shakespeare_char [--split=val] [--stride=128]
     python -m jaxgpt.evaluate --ckpt=out/model --task=hellaswag --data=hellaswag_val.jsonl [--limit=1000]
-
-Loss: each shard is cut into windows of block_size inputs (and their next-token targets). Windows are
-non-overlapping by default; with --stride=S < block_size they slide by S tokens and only the S targets new to a
-window are scored (as in Hugging Face's perplexity guide), so every target is scored once, with more context.
-
-HellaSwag scores completion style, like build-nanogpt's and llm.c's hellaswag.py: the context followed by each of
-the 4 endings (each encoded with a leading space); per ending the loss over its tokens only. `acc` picks the ending
-with the lowest summed loss, `acc_norm` the lowest mean loss per token. The validation file (10,042 examples, one
-JSON object per line with ctx, endings, label) is not bundled; get it with
-    curl -O https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl
-`hellaswag_eval(model, tokenizer, path, limit)` can run inside training every N steps.
 """
 from __future__ import annotations
 
@@ -31,20 +20,17 @@ from flax import nnx
 
 from jaxgpt import data
 from jaxgpt.generate import prompt_bucket
-from jaxgpt.model import GPT
+from jaxgpt.model import GPT, token_nll
 
 HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 NUM_ENDINGS = 4
 
 
 @functools.partial(jax.jit, static_argnames="graphdef")
-def token_nll(graphdef, params, inputs, targets):
+def row_nll(graphdef, params, inputs, targets):
     """inputs, targets (B, T) -> summed negative log-likelihood and target count per row; targets < 0 are skipped."""
-    logits, _ = nnx.merge(graphdef, params)(inputs)
-    logp = jax.nn.log_softmax(logits, axis=-1)  # (B, T, vocab)
-    valid = targets >= 0
-    nll = -jnp.take_along_axis(logp, jnp.where(valid, targets, 0)[..., None], axis=-1)[..., 0]  # (B, T)
-    return jnp.sum(jnp.where(valid, nll, 0.0), axis=-1), jnp.sum(valid, axis=-1)
+    nll = token_nll(nnx.merge(graphdef, params)(inputs)[0], targets)  # (B, T)
+    return jnp.sum(nll, axis=-1), jnp.sum(targets >= 0, axis=-1)
 
 
 def score_rows(model: GPT, rows: Iterator[tuple[np.ndarray, np.ndarray]], batch_size: int, length: int):
@@ -58,7 +44,7 @@ def score_rows(model: GPT, rows: Iterator[tuple[np.ndarray, np.ndarray]], batch_
         targets = np.full((batch_size, length), -1, np.int32)
         for i, (x, y) in enumerate(batch):
             inputs[i, :len(x)], targets[i, :len(y)] = x, y
-        sums, counts = jax.device_get(token_nll(graphdef, params, inputs, targets))
+        sums, counts = jax.device_get(row_nll(graphdef, params, inputs, targets))
         n = len(batch)
         batch.clear()
         return zip(sums[:n].astype(np.float64).tolist(), counts[:n].tolist())

@@ -1,16 +1,8 @@
-"""Autoregressive generation with a preallocated KV cache: prefill the prompts, then decode one token per step.
-
-Shapes are fixed so nothing recompiles per token or per prompt length: a batch of prompts is left-padded to a
-bucket length P (a power of two, at least 16) so that every row ends at slot P - 1, and the cache holds
-P + max_new_tokens slots rounded up to a multiple of 64. Each row's positions start at 0 on its first real token and
-its pad slots are masked out as keys, so a padded row computes exactly what it would alone.
-
-Two decode loops share one step function: 'python' dispatches a jitted step per token and streams the tokens to
-`on_token` as they arrive (what the sampling CLI uses), 'device' runs all steps in a lax.while_loop inside one jit.
-"""
+"""Autoregressive generation with a preallocated KV cache: prefill the left-padded prompts, then decode one token
+per step, in shapes that nothing recompiles for per token or per prompt length (docs/architecture.md). Two loops
+share one step: 'python' streams tokens to a callback, 'device' runs them all in a lax.while_loop in one jit."""
 from __future__ import annotations
 
-import collections
 import dataclasses
 import functools
 from collections.abc import Callable
@@ -20,12 +12,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
-from jaxgpt.model import GPT, GPTConfig, attention_implementation
+from jaxgpt.model import GPT, GPTConfig
 
 CACHE_MULTIPLE = 64  # cache lengths are rounded up to a multiple of this
 MIN_PROMPT_BUCKET = 16
-# Python counters bumped while tracing: a test reads them to prove that decoding does not recompile per token.
-trace_counts: collections.Counter = collections.Counter()
 
 
 @struct.dataclass
@@ -39,19 +29,17 @@ class KVCache:
     v: jax.Array
     index: jax.Array
     start: jax.Array
-    implementation: str = struct.field(pytree_node=False, default="xla")
 
     @classmethod
     def create(cls, config: GPTConfig, start: jax.Array, max_len: int) -> KVCache:
         shape = (start.shape[0], max_len, config.n_head, config.n_embd // config.n_head)
-        implementation = attention_implementation(config)
-        if implementation == "cudnn":  # cuDNN takes no arbitrary boolean mask
-            implementation = "xla"
         zeros = jnp.zeros(shape, config.dtype)
-        return cls(zeros, zeros, jnp.zeros((), jnp.int32), start.astype(jnp.int32), implementation)
+        return cls(zeros, zeros, jnp.zeros((), jnp.int32), start.astype(jnp.int32))
 
-    def attend(self, q, k, v):
-        """Writes k, v (B, T, n_head, head_dim) at `index` and attends q to every filled, unpadded slot."""
+    def attend(self, qkv, ops):
+        """Writes qkv's (B, T, 3, n_head, head_dim) keys and values at `index` and attends its queries to every
+        filled, unpadded slot with ops.masked_attention."""
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # each (B, T, n_head, head_dim)
         T, max_len = q.shape[1], self.k.shape[1]
         keys = jax.lax.dynamic_update_slice(self.k, k.astype(self.k.dtype), (0, self.index, 0, 0))
         values = jax.lax.dynamic_update_slice(self.v, v.astype(self.v.dtype), (0, self.index, 0, 0))
@@ -60,7 +48,7 @@ class KVCache:
         real_key = key_slot >= self.start[:, None, None]  # (B, 1, max_len)
         # A pad query attends to itself only, which keeps its softmax finite; real queries never see pad keys.
         mask = (key_slot <= query_slot) & real_key | (key_slot == query_slot)  # (B, T, max_len)
-        y = jax.nn.dot_product_attention(q, keys, values, mask=mask[:, None], implementation=self.implementation)
+        y = ops.masked_attention(q, keys, values, mask[:, None])
         return y, self.replace(k=keys, v=values, index=self.index + T)
 
 
@@ -144,13 +132,11 @@ def _decode(model: GPT, cache, carry: Carry, sampler: Sampler):
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "sampler", "max_len"))
 def prefill(graphdef, params, ids, start, key, eot_id, *, sampler: Sampler, max_len: int):
-    trace_counts["prefill"] += 1
     return _prefill(nnx.merge(graphdef, params), ids, start, key, eot_id, sampler, max_len)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "sampler"), donate_argnames=("cache",))
 def decode_step(graphdef, params, cache, carry: Carry, *, sampler: Sampler):
-    trace_counts["decode_step"] += 1
     return _decode(nnx.merge(graphdef, params), cache, carry, sampler)
 
 
@@ -158,7 +144,6 @@ def decode_step(graphdef, params, cache, carry: Carry, *, sampler: Sampler):
 def generate_on_device(graphdef, params, ids, start, key, eot_id, max_new_tokens, *, sampler: Sampler,
                        max_len: int):
     """Prefill and the whole decode loop in one program: tokens (B, max_len - P), eot_id after a row stops."""
-    trace_counts["generate_on_device"] += 1
     cache, carry = _prefill(nnx.merge(graphdef, params), ids, start, key, eot_id, sampler, max_len)
     out = jnp.full((ids.shape[0], max_len - ids.shape[1]), eot_id, jnp.int32).at[:, 0].set(carry.token)
 

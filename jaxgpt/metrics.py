@@ -1,6 +1,7 @@
-"""Where training metrics go: metrics.jsonl, TensorBoard event files and (optionally) Weights & Biases.
+"""Where training metrics go: metrics.jsonl, TensorBoard event files and (optionally) Weights & Biases; the
+per-step log that reads each jitted call's metrics one call late; the FLOPs arithmetic behind MFU.
 
-Only process 0 writes. Also the FLOPs arithmetic behind MFU.
+Only process 0 writes.
 """
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ import os
 import socket
 import struct
 import time
+from collections.abc import Callable
 
 import jax
+import numpy as np
 
 PEAK_BF16_FLOPS = {  # device_kind substring -> dense bf16 FLOP/s of one device (vendor datasheets)
     "H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12, "L4": 121e12,
@@ -30,6 +33,69 @@ def peak_flops_per_device(configured: float) -> float | None:
 def flops_per_token(n_params: int, n_position_params: int, n_layer: int, block_size: int, n_embd: int) -> float:
     """Training FLOPs per token as in nanoGPT/PaLM: 6N (N without position embeddings) + attention 12*L*T*d."""
     return 6 * (n_params - n_position_params) + 12 * n_layer * block_size * n_embd
+
+
+class NonFiniteLoss(FloatingPointError):
+    """A step's loss or gradient norm was not finite: training stopped there."""
+
+    def __init__(self, step: int, loss: float, grad_norm: float, workdir: str, last_checkpoint: int | None):
+        self.step, self.loss, self.grad_norm, self.last_checkpoint = step, loss, grad_norm, last_checkpoint
+        kept = (f"The last good checkpoint (step {last_checkpoint}) is kept in {workdir}"
+                if last_checkpoint is not None else f"no checkpoint was saved yet in {workdir}")
+        super().__init__(f"loss {loss}, grad norm {grad_norm} at step {step}: stopping. {kept}")
+
+
+class StepLog:
+    """Each jitted call's per-step metrics, fetched one call late so the host never waits for the device: checked
+    for non-finite values (NonFiniteLoss names the first bad step) and written at log steps, with the tokens/s
+    of the calls since the last report."""
+
+    def __init__(self, writer: MetricWriter, say: Callable[[str], None], config, *, start: int,
+                 tokens_per_step: int, flops_per_token: float, workdir: str,
+                 last_checkpoint: Callable[[], int | None]):
+        self.writer, self.say, self.log_every, self.max_steps = writer, say, config.log_every, config.max_steps
+        self.tokens_per_step, self.flops_per_token = tokens_per_step, flops_per_token
+        self.peak_flops = (peak_flops_per_device(config.peak_flops) or 0) * jax.device_count()
+        self.workdir, self.last_checkpoint = workdir, last_checkpoint
+        self.pending = None  # (first step, metrics) of the call in flight
+        self.clock = (time.perf_counter(), start)  # (time, step) of the last report
+
+    def add(self, first_step: int, call_metrics: dict):
+        """Takes the call just dispatched and reports the one before it, finished by now or soon."""
+        self.flush()
+        self.pending = (first_step, call_metrics)
+
+    def flush(self):
+        """Reports the pending call, if any."""
+        if self.pending is None:
+            return
+        (first, call_metrics), self.pending = self.pending, None
+        values = {k: np.asarray(v) for k, v in jax.device_get(call_metrics).items()}  # each (steps in the call,)
+        bad = np.flatnonzero(~(np.isfinite(values["loss"]) & np.isfinite(values["grad_norm"])))
+        if bad.size:
+            i = bad[0]
+            raise NonFiniteLoss(first + i, values["loss"][i], values["grad_norm"][i], self.workdir,
+                                self.last_checkpoint())
+        now, last = time.perf_counter(), first + len(values["loss"]) - 1
+        tok_s = self.tokens_per_step * (last - self.clock[1]) / (now - self.clock[0])
+        for step in range(first, last + 1):
+            if step % self.log_every == 0 or step == self.max_steps:
+                self._write(step, {k: float(v[step - first]) for k, v in values.items()}, tok_s)
+        self.clock = (now, last)
+
+    def restart_clock(self):
+        """After an evaluation: its time is not training throughput."""
+        self.clock = (time.perf_counter(), self.clock[1])
+
+    def _write(self, step: int, row: dict, tok_s: float):
+        row["tokens_per_sec"] = tok_s
+        line = (f"step {step}: loss {row['loss']:.4f}, lr {row['lr']:.2e}, grad norm {row['grad_norm']:.3f}, "
+                f"{tok_s:,.0f} tok/s")
+        if self.peak_flops:
+            row["mfu"] = self.flops_per_token * tok_s / self.peak_flops
+            line += f", MFU {100 * row['mfu']:.1f}%"
+        self.writer.write(step, row)
+        self.say(line)
 
 
 class MetricWriter:
@@ -69,7 +135,7 @@ class MetricWriter:
 
 class EventFile:
     """Scalars in a TensorBoard event file (`tensorboard --logdir DIR`): TFRecord-framed `Event` protos, encoded
-    here because tensorboardX imports torch whenever it is installed (1.1 s of every training start)."""
+    here because tensorboardX imports torch whenever it is installed, a second of every training start."""
 
     def __init__(self, logdir: str):
         os.makedirs(logdir, exist_ok=True)

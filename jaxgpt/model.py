@@ -1,10 +1,9 @@
-"""GPT-2 in Flax NNX, read top-down: config, attention, MLP, block, the model.
+"""GPT-2 in Flax NNX, read top-down: config, layers, attention, MLP, block, the model.
 
 Parameter names follow Hugging Face's GPT2LMHeadModel (wte, wpe, h, ln_1, attn.c_attn, attn.c_proj, ln_2,
 mlp.c_fc, mlp.c_proj, ln_f), and kernels are stored [in, out] like HF's Conv1D, so the bridge is a plain copy.
 Every parameter names its logical axes ('embed', 'mlp', ...); jaxgpt/sharding.py maps them onto a mesh.
-Compute runs in `config.dtype` over `config.param_dtype` weights; matmuls accumulate in float32. The matmul and
-attention, with their hand-written backward passes (for XLA-CPU), are in jaxgpt/ops.py.
+Compute runs in `config.dtype` over `config.param_dtype` weights, through the kernels of jaxgpt/ops.
 """
 from __future__ import annotations
 
@@ -15,7 +14,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxgpt import ops, sharding
+from jaxgpt import sharding
+from jaxgpt.ops import ATTENTION, KERNELS, Ops
 
 PRESETS = {  # name -> (n_layer, n_head, n_embd), the four released GPT-2 sizes
     "gpt2": dict(n_layer=12, n_head=12, n_embd=768),
@@ -28,6 +28,8 @@ REMAT_POLICIES = {  # config.remat -> what a rematerialised block keeps from its
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
+# GPTConfig fields that change how a model computes, not its weights: every loader may override them.
+COMPUTE_FIELDS = ("dtype", "dropout", "scan_layers", "remat", "attention", "kernels")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,15 +48,17 @@ class GPTConfig:
     init_std: float = 0.02  # std of the normal init; c_proj layers use init_std / sqrt(2 * n_layer)
     scan_layers: bool = False  # stack the blocks and run them with lax.scan (one block compiled, not n_layer)
     remat: str = "none"  # activation checkpointing per block: none | full | dots
-    attention: str | None = None  # dot_product_attention implementation; None picks per backend
+    attention: str = "auto"  # auto | blocked | xla | cudnn (see jaxgpt/ops)
+    kernels: str = "fast"  # fast | reference (plain jnp): the kernel set of jaxgpt/ops
 
     def __post_init__(self):
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
         if self.valid_vocab_size is not None and self.valid_vocab_size < 1:
             raise ValueError(f"valid_vocab_size={self.valid_vocab_size} must be positive")
-        if self.remat not in REMAT_POLICIES:
-            raise ValueError(f"remat={self.remat!r}: expected one of {sorted(REMAT_POLICIES)}")
+        for name, allowed in (("remat", REMAT_POLICIES), ("attention", ATTENTION), ("kernels", KERNELS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}={getattr(self, name)!r}: expected one of {list(allowed)}")
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> GPTConfig:
@@ -67,14 +71,6 @@ class GPTConfig:
         return min(self.vocab_size, self.valid_vocab_size or self.vocab_size)
 
 
-def attention_implementation(config: GPTConfig) -> str:
-    """cuDNN flash attention on GPU in half precision, XLA's everywhere else (cuDNN takes no float32)."""
-    if config.attention is not None:
-        return config.attention
-    half = jnp.dtype(config.dtype) in (jnp.bfloat16, jnp.float16)
-    return "cudnn" if half and jax.default_backend() == "gpu" else "xla"
-
-
 def dropout(x, rate: float, key: jax.Array | None):
     """Inverted dropout; identity when no key is given (evaluation) or the rate is 0."""
     if key is None or rate == 0.0:
@@ -83,32 +79,31 @@ def dropout(x, rate: float, key: jax.Array | None):
     return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
+def param(init, axes, shape, config: GPTConfig, rngs: nnx.Rngs) -> nnx.Param:
+    """A parameter in config.param_dtype, drawn by `init`, naming its logical axes."""
+    return nnx.Param(nnx.with_partitioning(init, axes)(rngs.params(), shape, config.param_dtype))
+
+
 class Linear(nnx.Module):
-    """x @ kernel + bias with the kernel stored [in, out] (HF Conv1D layout) and float32 accumulation."""
+    """x @ kernel + bias with the kernel stored [in, out] (HF Conv1D layout)."""
 
     def __init__(self, d_in, d_out, axes, config: GPTConfig, *, rngs: nnx.Rngs, std: float | None = None):
         init = jax.nn.initializers.normal(config.init_std if std is None else std)
-        self.kernel = nnx.Param(nnx.with_partitioning(init, axes)(rngs.params(), (d_in, d_out), config.param_dtype))
-        self.bias = (nnx.Param(nnx.with_partitioning(jax.nn.initializers.zeros, axes[1:])(
-            rngs.params(), (d_out,), config.param_dtype)) if config.bias else None)
-        self.dtype = config.dtype
+        self.kernel = param(init, axes, (d_in, d_out), config, rngs)
+        self.bias = param(jax.nn.initializers.zeros, axes[1:], (d_out,), config, rngs) if config.bias else None
+        self.ops = Ops.of(config)
 
     def __call__(self, x):
-        # A 2-D matmul: XLA on CPU differentiates (B*T, C) @ (C, N) faster than the batched 3-D form.
-        y = ops.matmul(x.reshape(-1, x.shape[-1]).astype(self.dtype), self.kernel[...])  # (B*T, d_out) float32
-        if self.bias is not None:
-            y = y + self.bias[...]
-        return y.reshape(*x.shape[:-1], y.shape[-1]).astype(self.dtype)
+        return self.ops.dense(x, self.kernel[...], None if self.bias is None else self.bias[...])
 
 
 class LayerNorm(nnx.Module):
     """LayerNorm with statistics in float32 whatever the compute dtype."""
 
     def __init__(self, config: GPTConfig, *, rngs: nnx.Rngs):
-        shape, pdt = (config.n_embd,), config.param_dtype
-        self.scale = nnx.Param(nnx.with_partitioning(jax.nn.initializers.ones, ("embed",))(rngs.params(), shape, pdt))
-        self.bias = (nnx.Param(nnx.with_partitioning(jax.nn.initializers.zeros, ("embed",))(
-            rngs.params(), shape, pdt)) if config.bias else None)
+        shape = (config.n_embd,)
+        self.scale = param(jax.nn.initializers.ones, ("embed",), shape, config, rngs)
+        self.bias = param(jax.nn.initializers.zeros, ("embed",), shape, config, rngs) if config.bias else None
         self.eps, self.dtype = config.layer_norm_epsilon, config.dtype
 
     def __call__(self, x):
@@ -123,8 +118,7 @@ class LayerNorm(nnx.Module):
 
 class Embed(nnx.Module):
     def __init__(self, rows: int, axes, config: GPTConfig, *, rngs: nnx.Rngs):
-        init = nnx.with_partitioning(jax.nn.initializers.normal(config.init_std), axes)
-        self.embedding = nnx.Param(init(rngs.params(), (rows, config.n_embd), config.param_dtype))
+        self.embedding = param(jax.nn.initializers.normal(config.init_std), axes, (rows, config.n_embd), config, rngs)
 
     def __call__(self, ids):
         return jnp.take(self.embedding[...], ids, axis=0)
@@ -136,19 +130,15 @@ class CausalSelfAttention(nnx.Module):
         self.c_attn = Linear(C, 3 * C, ("embed", "heads"), config, rngs=rngs)
         self.c_proj = Linear(C, C, ("heads", "embed"), config, rngs=rngs,
                              std=config.init_std / math.sqrt(2 * config.n_layer))
-        self.n_head, self.implementation = config.n_head, attention_implementation(config)
+        self.n_head, self.ops = config.n_head, Ops.of(config)
 
     def __call__(self, x, cache=None):
         B, T, C = x.shape
         qkv = self.c_attn(x).reshape(B, T, 3, self.n_head, C // self.n_head)  # (B, T, 3, n_head, head_dim)
-        if cache is None and self.implementation == "xla":
-            y = ops.causal_attention(qkv)  # (B, T, n_head, head_dim)
-        else:
-            q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # each (B, T, n_head, head_dim)
-            if cache is None:
-                y = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=self.implementation)
-            else:
-                y, cache = cache.attend(q, k, v)
+        if cache is None:
+            y = self.ops.causal_attention(qkv)  # (B, T, n_head, head_dim)
+        else:  # q attends to the cached keys and values: jaxgpt/generate.py
+            y, cache = cache.attend(qkv, self.ops)
         return self.c_proj(y.reshape(B, T, C)), cache  # heads merged back: (B, T, C)
 
 
@@ -158,12 +148,10 @@ class MLP(nnx.Module):
         self.c_fc = Linear(C, 4 * C, ("embed", "mlp"), config, rngs=rngs)
         self.c_proj = Linear(4 * C, C, ("mlp", "embed"), config, rngs=rngs,
                              std=config.init_std / math.sqrt(2 * config.n_layer))
+        self.ops = Ops.of(config)
 
     def __call__(self, x):
-        h = self.c_fc(x)  # (B, T, 4 * C)
-        # GPT-2's tanh GELU, evaluated in float32 whatever the compute dtype: in bfloat16, XLA on CPU would round
-        # after every elementwise op of the formula, forward and backward (slower and less accurate).
-        return self.c_proj(jax.nn.gelu(h.astype(jnp.float32), approximate=True).astype(h.dtype))
+        return self.c_proj(self.ops.gelu(self.c_fc(x)))  # through (B, T, 4 * C)
 
 
 class Block(nnx.Module):
@@ -184,7 +172,7 @@ class Block(nnx.Module):
 
 class GPT(nnx.Module):
     def __init__(self, config: GPTConfig, *, rngs: nnx.Rngs):
-        self.config = config
+        self.config, self.ops = config, Ops.of(config)
         self.wte = Embed(config.vocab_size, ("vocab", "embed"), config, rngs=rngs)
         self.wpe = Embed(config.block_size, ("position", "embed"), config, rngs=rngs)
         if config.scan_layers:  # one Block whose parameters carry a leading (n_layer,) 'layers' axis
@@ -237,19 +225,22 @@ class GPT(nnx.Module):
     def logits(self, x):
         """Weight-tied head. Padded vocab rows get -inf logits: softmax gives them probability 0, so they are
         never sampled, and since targets are real tokens they never change a loss (nor receive gradient)."""
-        B, T, C = x.shape
-        logits = ops.matmul_nt(x.reshape(B * T, C), self.wte.embedding[...]).reshape(B, T, -1)
+        logits = self.ops.tied_logits(x, self.wte.embedding[...])  # (B, T, vocab_size) float32
         if self.config.n_valid_vocab < self.config.vocab_size:
             logits = jnp.where(jnp.arange(self.config.vocab_size) < self.config.n_valid_vocab, logits, -jnp.inf)
         return logits
 
 
-def cross_entropy(logits, targets):
-    """Mean token loss in float32; targets < 0 are ignored (like PyTorch's ignore_index)."""
+def token_nll(logits, targets):
+    """Each token's negative log-likelihood in float32; 0 where targets < 0 (ignored, like PyTorch's ignore_index)."""
     valid = targets >= 0
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    nll = -jnp.take_along_axis(logp, jnp.where(valid, targets, 0)[..., None], axis=-1)[..., 0]
-    return jnp.sum(jnp.where(valid, nll, 0.0)) / jnp.maximum(jnp.sum(valid), 1)
+    return jnp.where(valid, -jnp.take_along_axis(logp, jnp.where(valid, targets, 0)[..., None], axis=-1)[..., 0], 0.0)
+
+
+def cross_entropy(logits, targets):
+    """Mean token loss in float32; targets < 0 are ignored."""
+    return jnp.sum(token_nll(logits, targets)) / jnp.maximum(jnp.sum(targets >= 0), 1)
 
 
 def num_params(model: GPT) -> int:

@@ -2,12 +2,7 @@
 
     python -m jaxgpt.prepare --dataset=tinyshakespeare --tokenizer=char --out=data/shakespeare_char
     python -m jaxgpt.prepare --input='notes/*.txt' --tokenizer=gpt2 --out=data/notes
-    python -m jaxgpt.prepare --dataset=stdlib_docs --out=data/stdlib   # offline fallback corpus
     python -m jaxgpt.prepare --dataset=fineweb_edu --tokenizer=gpt2 --out=data/fineweb10B  # needs `datasets`
-
-Text datasets are split by position, the first (1 - val_fraction) of the characters for training (as nanoGPT);
-several files are several documents, separated by <|endoftext|> (gpt2) or a blank line (char, no such token).
-Prepared data never belongs in git (.gitignore ignores *.bin and data/).
 """
 from __future__ import annotations
 

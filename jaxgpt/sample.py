@@ -3,10 +3,6 @@
     python -m jaxgpt.sample --ckpt=out/model --prompt="Hello, I'm a language model," --num_samples=3
     python -m jaxgpt.sample --hf=path/to/hf_gpt2_dir --prompt=FILE:prompt.txt --top_p=0.9
     python -m jaxgpt.sample --ckpt=out/shakespeare --tokenizer=data/shakespeare_char --interactive
-
---ckpt takes a jaxgpt model directory (jaxgpt.checkpoint.save_model) or a training workdir; --hf a local Hugging Face
-GPT-2 directory. --tokenizer is 'gpt2' or a prepared data directory holding tokenizer.json. An empty prompt starts
-from <|endoftext|> (or a newline for tokenizers without one). --interactive reads prompts until 'exit' or EOF.
 """
 from __future__ import annotations
 
@@ -15,7 +11,7 @@ import sys
 
 from absl import app, flags, logging
 
-from jaxgpt import checkpoint, generate, tokenizer
+from jaxgpt import generate, loader, tokenizer
 from jaxgpt.model import GPT
 
 
@@ -23,10 +19,7 @@ def load_model(ckpt: str | None, hf: str | None) -> GPT:
     """The model of --ckpt (jaxgpt directory) or --hf (Hugging Face directory): exactly one must be given."""
     if bool(ckpt) == bool(hf):
         raise app.UsageError("give exactly one of --ckpt=DIR (jaxgpt model or workdir) or --hf=DIR (Hugging Face)")
-    if ckpt:
-        return checkpoint.load_model(ckpt)
-    import torch_bridge
-    return torch_bridge.from_hf(hf)
+    return loader.load(f"hf:{hf}" if hf else f"ckpt:{ckpt}")
 
 
 def load_tokenizer(name: str, model: GPT) -> tokenizer.Tokenizer:

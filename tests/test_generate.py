@@ -129,15 +129,29 @@ def test_seed_reproducible_and_padded_vocab_never_sampled():
     assert tokens.max() < 100 and len(set(tokens.ravel().tolist())) > 60
 
 
-def test_no_recompilation_per_token_or_prompt_length(model):
-    first = dict(generate.trace_counts)
-    generate.generate(model, [[1, 2, 3]], max_new_tokens=20, temperature=0.8, top_k=50, seed=0, loop="python")
-    before = dict(generate.trace_counts)
-    assert before["decode_step"] == first.get("decode_step", 0) + 1  # 19 steps, one trace
+def compilations(caplog, run) -> list[str]:
+    """The jitted functions that XLA compiled while `run()` ran, from jax's own compile log."""
+    caplog.clear()
+    jax.config.update("jax_log_compiles", True)  # globally: a `with jax.log_compiles()` is this thread's only
+    try:
+        with caplog.at_level("WARNING"):
+            run()
+    finally:
+        jax.config.update("jax_log_compiles", False)
+    return [r.getMessage().split()[4] for r in caplog.records
+            if r.getMessage().startswith("Finished XLA compilation of jit(")]
+
+
+def test_no_recompilation_per_token_or_prompt_length(model, caplog):
+    def sample(prompt, n, seed):
+        return lambda: generate.generate(model, [prompt], max_new_tokens=n, temperature=0.8, top_k=50, seed=seed,
+                                         loop="python")
+    first = compilations(caplog, sample([1, 2, 3], 20, 0))
+    assert first.count("jit(decode_step)") == 1  # 19 steps, one compilation
     # prompt lengths 9 and 13 share bucket 16; 20 + 16 and 40 + 16 new tokens share a 64-slot cache
     for prompt, n in (([5] * 9, 40), ([6] * 13, 20), ([7, 8] * 5, 33)):
-        generate.generate(model, [prompt], max_new_tokens=n, temperature=0.8, top_k=50, seed=1, loop="python")
-    assert dict(generate.trace_counts) == before
+        later = compilations(caplog, sample(prompt, n, 1))
+        assert not {"jit(prefill)", "jit(decode_step)"} & set(later), later
 
 
 def test_generation_past_block_size_continues_in_windows(model):

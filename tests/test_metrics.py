@@ -1,4 +1,4 @@
-"""TensorBoard event files, checked against tensorboardX (the writer jaxgpt used before): its protobuf classes
+"""TensorBoard event files, checked against tensorboardX: its protobuf classes
 decode every record, its CRC-32C checks every frame, and its SummaryWriter, given the same scalars, writes the same
 events."""
 import glob
@@ -6,7 +6,7 @@ import pathlib
 import struct
 import time
 
-from tensorboardX.proto import event_pb2  # a dev dependency (pip install -e .[dev]), no longer a runtime one
+from tensorboardX.proto import event_pb2  # a dev dependency (pip install -e .[dev]), not a runtime one
 
 from jaxgpt import metrics
 

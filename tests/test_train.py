@@ -193,7 +193,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(char_data, tmp
                                 "checkpoint_every": checkpoint_every})
         with pytest.raises(FloatingPointError, match=r"at step \d+") as error:
             train.train(config, str(tmp_path / str(steps_per_call)))
-        return int(error.value.args[0].split("at step ")[1].split(":")[0]), error.value.args[0]
+        return error.value.step, str(error.value)
 
     step, _ = bad_step(1, checkpoint_every=1)
     good = completed_steps(tmp_path / "1")

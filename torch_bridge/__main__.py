@@ -1,13 +1,15 @@
 """python -m torch_bridge import --from hf:DIR|nanogpt:FILE --out MODEL_DIR
    python -m torch_bridge export --ckpt MODEL_DIR --to hf:DIR|nanogpt:FILE
 
-MODEL_DIR is a jaxgpt model directory (jaxgpt.checkpoint.save_model / load_model).
+MODEL_DIR is a jaxgpt model directory (jaxgpt.checkpoint.save_model) or a training workdir; export's --ckpt also
+takes any weights spec of jaxgpt.loader (hf:DIR, nanogpt:FILE).
 """
 from __future__ import annotations
 
 import argparse
 
-from jaxgpt.checkpoint import load_model, save_model
+from jaxgpt import loader
+from jaxgpt.checkpoint import save_model
 from torch_bridge import from_hf, from_nanogpt, save_hf, to_nanogpt
 
 IMPORTERS = {"hf": from_hf, "nanogpt": from_nanogpt}
@@ -38,7 +40,7 @@ def main(argv=None) -> None:
             written = save_model(IMPORTERS[fmt](path, n_head=args.n_head), args.out)
         else:
             fmt, path = args.to
-            written = EXPORTERS[fmt](load_model(args.ckpt), path)
+            written = EXPORTERS[fmt](loader.load(args.ckpt), path)
     except (ValueError, FileNotFoundError) as e:
         parser.exit(1, f"error: {e}\n")
     print(f"wrote {written}")

@@ -1,15 +1,10 @@
-"""The two computations the model spends its time in, matmul and causal attention, with hand-written backward
-passes.
-
-Both compute exactly what the plain jnp expressions compute. They exist for XLA's CPU backend, where autodiff's
-default forms are slow:
+"""The fast kernel set: the reference math in the forms XLA's CPU backend runs fastest, with hand-written
+backward passes. Autodiff's default forms are slow there:
 - a half-precision matmul whose cotangent is float32 runs in float32;
 - transposed (TN) half-precision matmuls are upcast to float32;
-- batched attention matmuls reach a fraction of the GEMM rate;
-- left to autodiff, the head split and merge around attention and the sum of the query blocks' gradients become
-  one loop fusion of pads, adds, transposes and bfloat16 round trips (~5 ns per element, 15% of a bf16 step).
-
-Measured figures are in bench/RESULTS.md. On GPU the same code runs; the CPU layout workarounds switch off there.
+- batched (3-D) matmuls and vmapped attention reach a fraction of the GEMM rate;
+- the head split and merge around attention become slow loop fusions of pads, transposes and casts.
+The layout workarounds switch off on other backends and on multi-device meshes, where the same math runs.
 """
 from __future__ import annotations
 
@@ -20,21 +15,32 @@ import jax.numpy as jnp
 
 from jaxgpt import sharding
 
+NEG_INF = -0.7 * float(jnp.finfo(jnp.float32).max)  # the mask value jax.nn.dot_product_attention uses
+
+
+def dense(x, kernel, bias, dtype):
+    x2 = x.reshape(-1, x.shape[-1]).astype(dtype)  # 2-D: XLA-CPU differentiates it faster than the batched form
+    y = matmul(x2, kernel)  # (N, M) float32
+    if bias is not None:
+        y = y + bias
+    return y.reshape(*x.shape[:-1], y.shape[-1]).astype(dtype)
+
+
+def gelu(x):
+    # In float32 whatever the compute dtype: in bfloat16 XLA-CPU would round after every op of the formula.
+    return jax.nn.gelu(x.astype(jnp.float32), approximate=True).astype(x.dtype)
+
+
+def tied_logits(x, embedding):
+    B, T, C = x.shape
+    return matmul_nt(x.reshape(B * T, C), embedding).reshape(B, T, -1)
+
 
 def causal_attention(qkv, block: int = 128):
-    """Causal softmax attention straight from c_attn's output: qkv (B, T, 3, n_head, head_dim) -> y (B, T, n_head,
-    head_dim); what jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation='xla') computes (float32
-    scores and softmax, masked with the same large negative number).
-
-    Inside, q, k and v go heads-major, (B, n_head, T, head_dim), so the products are batched matmuls with the batch
-    and head axes leading, which XLA's CPU backend runs and differentiates several times faster than that
-    function's vmapped form. Queries go in blocks of `block` rows, each against only the keys up to its last row,
-    so the fully masked blocks above the diagonal are never computed: at T = 2 * block that skips 1/4 of the score
-    matrix, at T = 8 * block 7/16 (forward+backward 59 -> 40 ms per layer at T=256, 166 -> 94 at T=1024).
-
-    The backward pass is written by hand (one custom VJP for the whole op, head split and merge included): every
-    matmul in the compute dtype, the blocks' key and value gradients summed in float32, and the gradient written
-    once, in qkv's layout and dtype (bf16 step at 6L/384 T=256: 872 -> 745 ms; see bench/RESULTS.md)."""
+    """The 'blocked' attention: q, k, v go heads-major, (B, n_head, T, head_dim), so the products are batched
+    matmuls with the batch and head axes leading; queries go in blocks of `block` rows, each against only the keys
+    up to its last row, so the fully masked blocks above the diagonal are never computed. One custom VJP covers
+    the whole op, head split and merge included, and writes the gradient once, in qkv's layout."""
     return _causal_attention(qkv, block)
 
 
@@ -52,7 +58,7 @@ def _causal_attention_fwd(qkv, block):
                             preferred_element_type=jnp.float32)  # (B, n_head, rows, keys)
         rows, keys = scores.shape[2:]
         visible = jnp.arange(start, start + rows)[:, None] >= jnp.arange(keys)[None, :]  # (rows, keys)
-        scores = jnp.where(visible, scores * q.shape[-1] ** -0.5, -0.7 * jnp.finfo(jnp.float32).max)
+        scores = jnp.where(visible, scores * q.shape[-1] ** -0.5, NEG_INF)
         probs.append(jax.nn.softmax(scores, axis=-1))  # float32
         ys.append(jnp.einsum("bhqk,bhkd->bhqd", probs[-1].astype(v.dtype), v[:, :, :end],
                              preferred_element_type=jnp.float32).astype(v.dtype))  # (B, n_head, rows, head_dim)
@@ -61,9 +67,8 @@ def _causal_attention_fwd(qkv, block):
 
 
 def _causal_attention_bwd(block, residuals, dy):
-    """Every matmul in the compute dtype (autodiff would multiply float32 cotangents by half-precision operands:
-    float32 matmuls), the score gradient rounded to that dtype first, as under PyTorch's autocast; in float32 this
-    is exactly autodiff's arithmetic."""
+    """Every matmul in the compute dtype, the score gradient rounded to it first (as under PyTorch's autocast),
+    the blocks' key and value gradients summed in float32; in float32 this is exactly autodiff's arithmetic."""
     q, k, v, probs = residuals
     dtype = v.dtype
     dy = dy.astype(dtype).transpose(0, 2, 1, 3)  # (B, n_head, T, head_dim)
@@ -87,48 +92,41 @@ _causal_attention.defvjp(_causal_attention_fwd, _causal_attention_bwd)
 def matmul(x, w):
     """x (N, K) in the compute dtype @ w (K, M) cast to it, accumulated in and returned as float32.
 
-    In float32 this is a plain jnp.dot. In a half dtype the gradients are computed by half-precision matmuls
-    accumulating in float32 too: autodiff of the plain form would multiply the float32 cotangent by the half
-    weights, a float32 matmul on CPU (several times slower than bf16 on AMX/AVX512-BF16). The cotangent is
-    rounded to the compute dtype first, as under PyTorch's autocast: exact for Linear, whose output is rounded
-    to that dtype anyway; for the logits it rounds the loss gradient to bfloat16. w's gradient stays float32."""
+    In a half dtype the backward pass multiplies in that dtype too (autodiff would multiply the float32
+    cotangent by the half weights: a float32 matmul on CPU), with the cotangent rounded to it first, as under
+    PyTorch's autocast. w's gradient stays float32."""
     if x.dtype == jnp.float32:
         return jnp.dot(x, w.astype(jnp.float32), preferred_element_type=jnp.float32)
     return _half_matmul(x, w, False)
 
 
 def matmul_nt(x, w):
-    """x (N, K) @ w (M, K)^T, as `matmul(x, w.T)`: the tied head's logits against the (vocab, C) embedding.
-
-    In a half dtype the product is taken with w untransposed (contracting both last axes): XLA on CPU upcasts the
-    transposed half-precision form to float32 (124M head, bf16: 394 -> 151 ms forward), and the backward pass
-    multiplies in half precision as `matmul` does."""
+    """x (N, K) @ w (M, K)^T, as `matmul(x, w.T)`. In a half dtype the product contracts both last axes, w
+    untransposed (XLA-CPU upcasts the transposed half-precision form to float32)."""
     if x.dtype == jnp.float32:
         return matmul(x, w.T)
     return _half_matmul(x, w, True)
 
 
 def _half_on_cpu(a) -> bool:
-    """Whether a half-precision matmul on `a` needs the XLA-CPU layout workarounds below: on one CPU device only.
-    Elsewhere they could cost a reshard: flattening a sharded array gathers it (on 8 CPU devices the FSDP 124M step
-    needed 1 GiB more temporaries with them)."""
+    """Whether a half-precision matmul on `a` needs the layout workarounds below: on one CPU device only, since
+    on a mesh flattening a sharded array gathers it."""
     mesh = sharding.current_mesh()
     return a.dtype != jnp.float32 and jax.default_backend() == "cpu" and (mesh.empty or mesh.size == 1)
 
 
 def _row_major(a):
-    """a laid out row-major in memory. XLA's CPU backend runs a half-precision matmul on AMX/AVX512-BF16 only when
-    both operands and the result are row-major (N, K) @ (K, M) -> (N, M); given a transposed operand it folds the
-    transpose into the matmul and upcasts it to float32 (4x slower), and a transposed result fails at run time
-    ("Unsupported element type for DotThunk::Execute: BF16 x BF16 = F32"). Flattening behind an optimization
-    barrier forces the layout: a bitcast for an already row-major array, one copy for a transposed one."""
+    """a laid out row-major in memory. XLA-CPU runs a half-precision matmul on AMX/AVX512-BF16 only when both
+    operands and the result are row-major; given a transposed operand it upcasts it to float32, and a transposed
+    result fails at run time ("Unsupported element type for DotThunk::Execute"). Flattening behind an
+    optimization barrier forces the layout: a bitcast for a row-major array, one copy for a transposed one."""
     return jax.lax.optimization_barrier(a.reshape(-1)).reshape(a.shape)
 
 
 def _matmul_tn(a, b):
     """a^T @ b over the last two axes, (..., N, K) and (..., N, M) -> (..., K, M), accumulated in float32: the
-    weight-gradient form. For a half dtype on CPU, the smaller of a and b is transposed into row-major memory (XLA's
-    transposes are slow: ~3 ns per element) and the product taken in the NN form that runs on AMX."""
+    weight-gradient form. In a half dtype on CPU the smaller operand is transposed into row-major memory (XLA's
+    transposes are slow) and the product taken in the NN form."""
     def nn(x, y):
         return _row_major(jnp.einsum("...ij,...jk->...ik", x, y, preferred_element_type=jnp.float32))
     if not _half_on_cpu(a):

@@ -1,0 +1,65 @@
+"""The model's compute behind one API, `Ops`: dense layers, GELU, causal attention and the tied head.
+
+Two kernel sets compute the same math: `reference` (plain jnp, the definition) and `fast` (xla_cpu.py: the forms
+XLA's CPU backend runs fastest). Attention: blocked (the set's own causal kernel), xla or cudnn
+(jax.nn.dot_product_attention), or auto (cudnn on GPU in half precision, else blocked). See docs/architecture.md.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from jaxgpt.ops import reference, xla_cpu
+
+KERNELS = {"fast": xla_cpu, "reference": reference}
+ATTENTION = ("auto", "blocked", "xla", "cudnn")
+
+
+def resolve_attention(name: str, dtype: str, masked: bool = False) -> str:
+    """The implementation attention `name` runs: masked (the KV cache), auto and blocked run XLA's, the proven path
+    for masks (the blocked kernel takes none)."""
+    if masked:
+        return "xla" if name in ("auto", "blocked") else name
+    if name != "auto":
+        return name
+    half = jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+    return "cudnn" if half and jax.default_backend() == "gpu" else "blocked"
+
+
+@dataclasses.dataclass(frozen=True)
+class Ops:
+    """How a model computes: a kernel set, an attention implementation and the compute dtype."""
+    kernels: str = "fast"
+    attention: str = "auto"
+    dtype: str = "float32"
+
+    @classmethod
+    def of(cls, config) -> Ops:
+        return cls(config.kernels, config.attention, config.dtype)
+
+    def dense(self, x, kernel, bias=None):
+        """x (..., K) @ kernel (K, M) + bias -> (..., M) in the compute dtype, accumulated in float32."""
+        return KERNELS[self.kernels].dense(x, kernel, bias, self.dtype)
+
+    def gelu(self, x):
+        """GPT-2's tanh GELU, in x's dtype."""
+        return KERNELS[self.kernels].gelu(x)
+
+    def tied_logits(self, x, embedding):
+        """x (B, T, C) @ embedding (V, C)^T -> float32 logits (B, T, V)."""
+        return KERNELS[self.kernels].tied_logits(x, embedding)
+
+    def causal_attention(self, qkv):
+        """qkv (B, T, 3, n_head, head_dim), c_attn's output -> y (B, T, n_head, head_dim)."""
+        implementation = resolve_attention(self.attention, self.dtype)
+        if implementation == "blocked":
+            return KERNELS[self.kernels].causal_attention(qkv)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=implementation)
+
+    def masked_attention(self, q, k, v, mask):
+        """q (B, T, n_head, head_dim) against k, v (B, S, n_head, head_dim) where mask (B, 1, T, S) holds."""
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=resolve_attention(
+            self.attention, self.dtype, masked=True))

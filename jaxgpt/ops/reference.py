@@ -1,0 +1,30 @@
+"""The reference kernel set: the model's math in plain jnp, differentiated by autodiff. The definition that the
+fast set (xla_cpu.py) is held equal to."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def dense(x, kernel, bias, dtype):
+    y = jnp.einsum("...k,km->...m", x.astype(dtype), kernel.astype(dtype), preferred_element_type=jnp.float32)
+    if bias is not None:
+        y = y + bias
+    return y.astype(dtype)
+
+
+def gelu(x):
+    return jax.nn.gelu(x, approximate=True)
+
+
+def tied_logits(x, embedding):
+    return jnp.einsum("btc,vc->btv", x, embedding.astype(x.dtype), preferred_element_type=jnp.float32)
+
+
+def causal_attention(qkv):
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # each (B, T, n_head, head_dim)
+    T = q.shape[1]
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * q.shape[-1] ** -0.5
+    scores = jnp.where(jnp.tril(jnp.ones((T, T), bool)), scores, -jnp.inf)  # (B, n_head, T, T)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return jnp.einsum("bhqk,bkhd->bqhd", probs, v, preferred_element_type=jnp.float32).astype(v.dtype)
