@@ -9,6 +9,8 @@ import os
 import grain
 import numpy as np
 
+from jaxgpt.errors import UserFileNotFoundError, UserValueError
+
 MAGIC = 20240520  # llm.c's token-shard magic number
 VERSION = 1  # llm.c: version 1 = uint16 tokens
 HEADER_INTS = 256
@@ -23,8 +25,8 @@ def write_shard(path: str, tokens) -> str:
     if tokens.ndim != 1:
         raise ValueError(f"{path}: tokens must be 1-D, got shape {tokens.shape}")
     if tokens.size and (tokens.min() < 0 or tokens.max() >= 2**16):
-        raise ValueError(f"{path}: token ids must lie in [0, 65535] to be stored as uint16, "
-                         f"got range [{tokens.min()}, {tokens.max()}]")
+        raise UserValueError(f"{path}: token ids must lie in [0, 65535] to be stored as uint16, "
+                             f"got range [{tokens.min()}, {tokens.max()}]")
     header = np.zeros(HEADER_INTS, dtype=np.int32)
     header[:3] = MAGIC, VERSION, tokens.size
     tmp = f"{path}.tmp"
@@ -43,12 +45,12 @@ def read_shard(path: str, *, vocab_size: int | None = None) -> np.ndarray:
         offset, count = HEADER_BYTES, _check_header(path, head, size)
     elif os.path.basename(path) in RAW_NAMES and not _looks_like_header(head):
         if size % 2:
-            raise ValueError(f"{path}: a raw uint16 token file must have an even size, it has {size} bytes")
+            raise UserValueError(f"{path}: a raw uint16 token file must have an even size, it has {size} bytes")
         offset, count = 0, size // 2
     else:
         found = int(head[0]) if head.size else None
-        raise ValueError(f"{path}: not a token shard: expected the llm.c header magic {MAGIC} at offset 0, found "
-                         f"{found} (headerless uint16 files are read only under nanoGPT's names {RAW_NAMES})")
+        raise UserValueError(f"{path}: not a token shard: expected the llm.c header magic {MAGIC} at offset 0, found "
+                             f"{found} (headerless uint16 files are read only under nanoGPT's names {RAW_NAMES})")
     tokens = (np.memmap(path, dtype=np.uint16, mode="r", offset=offset, shape=(count,)) if count
               else np.zeros(0, np.uint16))
     if vocab_size is not None:
@@ -61,22 +63,22 @@ def check_tokens(tokens: np.ndarray, vocab_size: int, path: str, start: int = 0)
     """Raises naming the file and position when a token id is >= vocab_size (tokens = file[start:...])."""
     if tokens.size and tokens.max() >= vocab_size:
         pos = int(np.argmax(tokens >= vocab_size))
-        raise ValueError(f"{path}: token {int(tokens[pos])} at position {start + pos} is outside the "
-                         f"vocabulary of {vocab_size} tokens (wrong tokenizer, or a corrupt file?)")
+        raise UserValueError(f"{path}: token {int(tokens[pos])} at position {start + pos} is outside the "
+                             f"vocabulary of {vocab_size} tokens (wrong tokenizer, or a corrupt file?)")
 
 
 def _check_header(path: str, head: np.ndarray, size: int) -> int:
     """Validates an llm.c header; returns the token count."""
     if head.size < HEADER_INTS:
-        raise ValueError(f"{path}: truncated: {size} bytes, shorter than the {HEADER_BYTES}-byte llm.c header")
+        raise UserValueError(f"{path}: truncated: {size} bytes, shorter than the {HEADER_BYTES}-byte llm.c header")
     if head[1] != VERSION:
-        raise ValueError(f"{path}: unsupported llm.c shard version {head[1]} (supported: {VERSION}, uint16 tokens)")
+        raise UserValueError(f"{path}: unsupported llm.c shard version {head[1]} (supported: {VERSION}, uint16 tokens)")
     count = int(head[2])
     expected = HEADER_BYTES + 2 * count
     if count < 0 or size != expected:
         what = "truncated" if size < expected else "corrupt"
-        raise ValueError(f"{path}: {what}: the header says {count} tokens ({expected} bytes), "
-                         f"the file has {size} bytes")
+        raise UserValueError(f"{path}: {what}: the header says {count} tokens ({expected} bytes), "
+                             f"the file has {size} bytes")
     return count
 
 
@@ -85,24 +87,29 @@ def _looks_like_header(head: np.ndarray) -> bool:
     return head.size == HEADER_INTS and not head[3:].any()
 
 
+def _split_patterns(split: str) -> tuple[str, ...]:
+    return f"{split}.bin", f"{split}_*.bin", f"*_{split}.bin", f"*_{split}_*.bin"
+
+
 def find_shards(data_dir: str, split: str) -> list[str]:
     """The sorted shard files of a split ("train" or "val"): SPLIT.bin, SPLIT_*.bin, *_SPLIT.bin, *_SPLIT_*.bin."""
-    patterns = (f"{split}.bin", f"{split}_*.bin", f"*_{split}.bin", f"*_{split}_*.bin")
+    patterns = _split_patterns(split)
     files = sorted({f for p in patterns for f in glob.glob(os.path.join(glob.escape(data_dir), p))})
     if not files:
-        raise FileNotFoundError(
+        raise UserFileNotFoundError(
             f"no {split!r} shards in {data_dir!r} (looked for {', '.join(patterns)}); create them with "
             f"`python -m jaxgpt.prepare --dataset=tinyshakespeare --tokenizer=char --out={data_dir}` "
             f"(or --input=FILE, --dataset=stdlib_docs, --dataset=fineweb_edu --tokenizer=gpt2)")
     return files
 
 
+def has_split(data_dir: str, split: str) -> bool:
+    return any(glob.glob(os.path.join(glob.escape(data_dir), p)) for p in _split_patterns(split))
+
+
 def has_shards(data_dir: str) -> bool:
     """Whether data_dir holds both a train and a val split."""
-    try:
-        return bool(find_shards(data_dir, "train") and find_shards(data_dir, "val"))
-    except FileNotFoundError:
-        return False
+    return has_split(data_dir, "train") and has_split(data_dir, "val")
 
 
 class TokenWindows:
@@ -123,8 +130,8 @@ class TokenWindows:
         self.first_window = np.cumsum([0] + counts)  # shard s holds window ids first_window[s]..[s+1]-1
         self.num_windows = int(self.first_window[-1])
         if not self.num_windows:
-            raise ValueError(f"the shards {self.files} hold {sum(map(len, self.tokens))} tokens: too few for one "
-                             f"window of block_size + 1 = {length} tokens")
+            raise UserValueError(f"the shards {self.files} hold {sum(map(len, self.tokens))} tokens: too few for one "
+                                 f"window of block_size + 1 = {length} tokens")
 
     def window(self, epoch: int, window_id: int) -> np.ndarray:
         shard = int(np.searchsorted(self.first_window, window_id, side="right")) - 1
@@ -142,7 +149,7 @@ def _batch_stream(files, *, block_size, batch_size, seed, process_index, process
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index={process_index} must lie in [0, process_count={process_count})")
     if not 0 <= seed < 2**32:
-        raise ValueError(f"seed={seed} must lie in [0, 2**32) (grain's shuffle)")
+        raise UserValueError(f"seed={seed} must lie in [0, 2**32) (grain's shuffle)")
     windows = TokenWindows(files, block_size + 1, seed, vocab_size)
     ds = grain.MapDataset.range(windows.num_windows).shuffle(seed=seed).repeat()  # reshuffled every epoch
     ds = ds.map_with_index(lambda i, window_id: windows.window(i // windows.num_windows, window_id))

@@ -15,10 +15,11 @@ from collections.abc import Iterator
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 from flax import nnx
 
-from jaxgpt import data
+from jaxgpt import cli, data
+from jaxgpt.errors import UserFileNotFoundError, UserValueError
 from jaxgpt.generate import prompt_bucket
 from jaxgpt.model import GPT, token_nll
 
@@ -80,15 +81,15 @@ def evaluate_loss(model: GPT, streams: list[np.ndarray], *, block_size: int | No
     block_size = block_size or model.config.block_size
     stride = stride or block_size
     if not 0 < block_size <= model.config.block_size:
-        raise ValueError(f"block_size={block_size} must be in [1, {model.config.block_size}] (the model's)")
+        raise UserValueError(f"block_size={block_size} must be in [1, {model.config.block_size}] (the model's)")
     if not 0 < stride <= block_size:
-        raise ValueError(f"stride={stride} must be in [1, block_size={block_size}]")
+        raise UserValueError(f"stride={stride} must be in [1, block_size={block_size}]")
     rows = (w for tokens in streams for w in loss_windows(tokens, block_size, stride))
     total, count = 0.0, 0
     for nll, n in score_rows(model, rows, batch_size, block_size):
         total, count = total + nll, count + n
     if count == 0:
-        raise ValueError("no tokens to score: every stream is shorter than 2 tokens")
+        raise UserValueError("no tokens to score: every stream is shorter than 2 tokens")
     loss = total / count
     return {"loss": loss, "perplexity": math.exp(loss), "tokens": count}
 
@@ -97,7 +98,7 @@ def read_split(data_arg: str, split: str, vocab_size: int) -> list[np.ndarray]:
     """The shards of a data directory's split, or the files a glob names; every token checked against the vocab."""
     files = data.find_shards(data_arg, split) if os.path.isdir(data_arg) else sorted(glob.glob(data_arg))
     if not files:
-        raise FileNotFoundError(f"--data={data_arg}: neither a directory nor a glob matching any file")
+        raise UserFileNotFoundError(f"--data={data_arg}: neither a directory nor a glob matching any file")
     return [data.read_shard(f, vocab_size=vocab_size) for f in files]
 
 
@@ -106,7 +107,7 @@ def read_split(data_arg: str, split: str, vocab_size: int) -> list[np.ndarray]:
 def read_hellaswag(path: str, limit: int | None = None) -> list[dict]:
     """Examples of a HellaSwag jsonl file, each checked: ctx (str), endings (4 str), label (0-3)."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such HellaSwag file; download the validation set from {HELLASWAG_URL}")
+        raise UserFileNotFoundError(f"{path}: no such HellaSwag file; download the validation set from {HELLASWAG_URL}")
     examples = []
     with open(path, encoding="utf-8") as f:
         for line_no, line in enumerate(f, 1):
@@ -117,13 +118,13 @@ def read_hellaswag(path: str, limit: int | None = None) -> list[dict]:
             try:
                 example = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
+                raise UserValueError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
             problem = _hellaswag_problem(example)
             if problem:
-                raise ValueError(f"{path}:{line_no}: {problem}")
+                raise UserValueError(f"{path}:{line_no}: {problem}")
             examples.append(example)
     if not examples:
-        raise ValueError(f"{path}: no examples")
+        raise UserValueError(f"{path}: no examples")
     return examples
 
 
@@ -178,11 +179,11 @@ def hellaswag_eval(model: GPT, tokenizer, path: str, limit: int | None = None, *
 
 def main(argv):
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+        raise UserValueError(f"unexpected arguments {argv[1:]}")
     from jaxgpt.sample import load_model, load_tokenizer
     logging.set_verbosity(logging.WARNING)  # orbax logs every restore at INFO
     f = flags.FLAGS
-    model = load_model(f.ckpt, f.hf)
+    model = load_model(f.ckpt, f.hf, f.step)
     if f.task == "loss":
         streams = read_split(f.data, f.split, model.config.n_valid_vocab)
         result = evaluate_loss(model, streams, block_size=f.block_size, stride=f.stride, batch_size=f.batch_size)
@@ -196,6 +197,7 @@ def main(argv):
 
 def define_flags():
     flags.DEFINE_string("ckpt", None, "jaxgpt model directory or training workdir")
+    flags.DEFINE_string("step", "latest", "a training workdir's checkpoint: latest, best (lowest val loss) or N")
     flags.DEFINE_string("hf", None, "local Hugging Face GPT-2 directory, instead of --ckpt")
     flags.DEFINE_enum("task", "loss", ["loss", "hellaswag"], "what to evaluate")
     flags.DEFINE_string("data", None, "loss: a data directory or a glob of shards; hellaswag: the jsonl file",
@@ -210,4 +212,4 @@ def define_flags():
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    cli.run(main)

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
+from jaxgpt.errors import UserValueError
 from jaxgpt.model import GPT, GPTConfig
 
 CACHE_MULTIPLE = 64  # cache lengths are rounded up to a multiple of this
@@ -69,11 +70,11 @@ class Sampler:
 
     def __post_init__(self):
         if self.temperature < 0:
-            raise ValueError(f"temperature={self.temperature} must be >= 0 (0 is greedy)")
+            raise UserValueError(f"temperature={self.temperature} must be >= 0 (0 is greedy)")
         if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"top_k={self.top_k} must be >= 1")
+            raise UserValueError(f"top_k={self.top_k} must be >= 1")
         if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
+            raise UserValueError(f"top_p={self.top_p} must be in (0, 1]")
 
     def filter(self, logits):
         """Temperature, then top-k, then top-p (HF's order), on float32 logits (B, V). Excluded tokens and
@@ -188,9 +189,9 @@ def generate(model: GPT, prompts: list[list[int]], *, max_new_tokens: int, tempe
     re-reads the last block_size // 2 tokens of every unfinished row and adds up to block_size minus that many.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("every prompt needs at least one token (start from end-of-text for unconditional samples)")
+        raise UserValueError("every prompt needs at least one token (start from end-of-text for unconditional samples)")
     if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
+        raise UserValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
     block = model.config.block_size
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, eot_id=eot_id, loop=loop)
     outputs, rows = [[] for _ in prompts], list(range(len(prompts)))  # rows: the unfinished ones
@@ -222,10 +223,10 @@ def _generate_window(model: GPT, prompts: list[list[int]], *, max_new_tokens: in
     config = model.config
     longest = max(len(p) for p in prompts)
     if bad := [t for p in prompts for t in p if not 0 <= t < config.n_valid_vocab]:
-        raise ValueError(f"prompt token {bad[0]} is outside the vocabulary [0, {config.n_valid_vocab})")
+        raise UserValueError(f"prompt token {bad[0]} is outside the vocabulary [0, {config.n_valid_vocab})")
     loop = loop or ("python" if on_token else "device")
     if loop not in ("python", "device"):
-        raise ValueError(f"loop={loop!r}: expected 'python' or 'device'")
+        raise UserValueError(f"loop={loop!r}: expected 'python' or 'device'")
 
     P = prompt_bucket(longest)
     max_len = cache_length(P, max_new_tokens)

@@ -1,8 +1,8 @@
 """Where a model comes from: a training config (its shape, fresh weights) or saved weights, through one loader.
 
 Weights specs: hf:DIR (a Hugging Face GPT-2 directory), nanogpt:FILE (a nanoGPT ckpt.pt), ckpt:DIR or a bare DIR
-(a jaxgpt model directory or a training workdir). Every loader takes the compute-only overrides of
-model.COMPUTE_FIELDS.
+(a jaxgpt model directory or a training workdir, whose step is latest, best or a number). Every loader takes the
+compute-only overrides of model.COMPUTE_FIELDS.
 """
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import math
 from ml_collections import ConfigDict
 
 from jaxgpt import checkpoint, model
+from jaxgpt.errors import UserValueError
 
 KINDS = ("hf", "nanogpt", "ckpt")
 
@@ -19,11 +20,11 @@ def model_config(config: ConfigDict, vocab_size: int) -> model.GPTConfig:
     """The GPTConfig of a training config; vocab_size is the tokenizer's (padded here to a multiple of 64)."""
     m = config.model
     if m.preset and m.preset not in model.PRESETS:
-        raise ValueError(f"model.preset={m.preset!r}: expected one of {sorted(model.PRESETS)} or ''")
+        raise UserValueError(f"model.preset={m.preset!r}: expected one of {sorted(model.PRESETS)} or ''")
     shape = model.PRESETS[m.preset] if m.preset else dict(n_layer=m.n_layer, n_head=m.n_head, n_embd=m.n_embd)
     rows = m.vocab_size or 64 * math.ceil(vocab_size / 64)
     if rows < vocab_size:
-        raise ValueError(f"model.vocab_size={rows} is smaller than the tokenizer's vocabulary ({vocab_size})")
+        raise UserValueError(f"model.vocab_size={rows} is smaller than the tokenizer's vocabulary ({vocab_size})")
     return model.GPTConfig(vocab_size=rows, valid_vocab_size=vocab_size, block_size=m.block_size, bias=m.bias,
                            **shape, **compute_overrides(m))
 
@@ -37,16 +38,18 @@ def is_weights_spec(spec: str) -> bool:
     return spec.partition(":")[0] in KINDS
 
 
-def load(spec: str, **overrides) -> model.GPT:
+def load(spec: str, step: str | int | None = None, **overrides) -> model.GPT:
     """The model that a weights spec names (see the module docstring); overrides set compute-only fields."""
     kind, _, path = spec.partition(":")
     if kind not in KINDS:
         kind, path = "ckpt", spec
     if not path:
-        raise ValueError(f"{spec!r}: expected hf:DIR, nanogpt:FILE, ckpt:DIR or a directory")
+        raise UserValueError(f"{spec!r}: expected hf:DIR, nanogpt:FILE, ckpt:DIR or a directory")
     if unknown := sorted(set(overrides) - set(model.COMPUTE_FIELDS)):
-        raise ValueError(f"loading {spec!r}: {unknown} are not compute-only fields {list(model.COMPUTE_FIELDS)}")
+        raise UserValueError(f"loading {spec!r}: {unknown} are not compute-only fields {list(model.COMPUTE_FIELDS)}")
     if kind == "ckpt":
-        return checkpoint.load_model(path, **overrides)
+        return checkpoint.load_model(path, step, **overrides)
+    if step not in (None, "latest"):
+        raise UserValueError(f"step={step!r}: {spec!r} holds one set of weights; steps belong to training workdirs")
     import torch_bridge
     return (torch_bridge.from_hf if kind == "hf" else torch_bridge.from_nanogpt)(path, **overrides)

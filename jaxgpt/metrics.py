@@ -6,8 +6,11 @@ Only process 0 writes.
 from __future__ import annotations
 
 import functools
+import glob
 import json
 import os
+import pathlib
+import secrets
 import socket
 import struct
 import time
@@ -15,6 +18,8 @@ from collections.abc import Callable
 
 import jax
 import numpy as np
+
+from jaxgpt.errors import UserError, UserRuntimeError
 
 PEAK_BF16_FLOPS = {  # device_kind substring -> dense bf16 FLOP/s of one device (vendor datasheets)
     "H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12, "L4": 121e12,
@@ -35,14 +40,14 @@ def flops_per_token(n_params: int, n_position_params: int, n_layer: int, block_s
     return 6 * (n_params - n_position_params) + 12 * n_layer * block_size * n_embd
 
 
-class NonFiniteLoss(FloatingPointError):
-    """A step's loss or gradient norm was not finite: training stopped there."""
+class NonFiniteLoss(UserError, FloatingPointError):
+    """A step's loss, gradient norm or val loss (`what`) was not finite: training stopped there."""
 
-    def __init__(self, step: int, loss: float, grad_norm: float, workdir: str, last_checkpoint: int | None):
-        self.step, self.loss, self.grad_norm, self.last_checkpoint = step, loss, grad_norm, last_checkpoint
+    def __init__(self, step: int, what: str, workdir: str, last_checkpoint: int | None):
+        self.step, self.last_checkpoint = step, last_checkpoint
         kept = (f"The last good checkpoint (step {last_checkpoint}) is kept in {workdir}"
                 if last_checkpoint is not None else f"no checkpoint was saved yet in {workdir}")
-        super().__init__(f"loss {loss}, grad norm {grad_norm} at step {step}: stopping. {kept}")
+        super().__init__(f"{what} at step {step}: stopping. {kept}")
 
 
 class StepLog:
@@ -74,8 +79,8 @@ class StepLog:
         bad = np.flatnonzero(~(np.isfinite(values["loss"]) & np.isfinite(values["grad_norm"])))
         if bad.size:
             i = bad[0]
-            raise NonFiniteLoss(first + i, values["loss"][i], values["grad_norm"][i], self.workdir,
-                                self.last_checkpoint())
+            raise NonFiniteLoss(first + i, f"loss {values['loss'][i]}, grad norm {values['grad_norm'][i]}",
+                                self.workdir, self.last_checkpoint())
         now, last = time.perf_counter(), first + len(values["loss"]) - 1
         tok_s = self.tokens_per_step * (last - self.clock[1]) / (now - self.clock[0])
         for step in range(first, last + 1):
@@ -99,21 +104,26 @@ class StepLog:
 
 
 class MetricWriter:
-    def __init__(self, workdir: str, config, enabled: bool):
+    """Appends to a workdir's metrics; a run resumed at step `start` first drops the rows after it, which the
+    interrupted run wrote after its last checkpoint and this one writes again."""
+
+    def __init__(self, workdir: str, config, enabled: bool, start: int = 0):
         self.enabled = enabled
         self.jsonl = self.tb = self.wandb = None
         if not enabled:
             return
         os.makedirs(workdir, exist_ok=True)
-        self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
-        self.tb = EventFile(os.path.join(workdir, "tensorboard"))
+        path, logdir = os.path.join(workdir, "metrics.jsonl"), os.path.join(workdir, "tensorboard")
+        if os.path.exists(path):
+            with open(path) as f:
+                rows = [line for line in f if line.strip() and json.loads(line)["step"] <= start]
+            _replace(path, "".join(rows).encode())
+        for events in glob.glob(os.path.join(logdir, "events.out.tfevents.*")):
+            _drop_events_after(events, start)
+        self.jsonl = open(path, "a")
+        self.tb = EventFile(logdir)
         if config.wandb_project:
-            try:
-                import wandb
-            except ImportError as e:
-                raise ImportError(f"wandb_project={config.wandb_project!r} is set but wandb is not installed: "
-                                  "pip install wandb, or unset --config.wandb_project") from e
-            self.wandb = wandb.init(project=config.wandb_project, config=config.to_dict(), dir=workdir)
+            self.wandb = _wandb_run(workdir, config)
 
     def write(self, step: int, metrics: dict):
         if not self.enabled:
@@ -123,7 +133,7 @@ class MetricWriter:
         self.jsonl.flush()
         self.tb.write_scalars(step, scalars)
         if self.wandb is not None:
-            self.wandb.log(metrics, step=step)
+            self.wandb.log(scalars, step=step)
 
     def close(self):
         if self.enabled:
@@ -131,6 +141,26 @@ class MetricWriter:
             self.tb.close()
             if self.wandb is not None:
                 self.wandb.finish()
+
+
+def _wandb_run(workdir: str, config):
+    """The workdir's W&B run, continued on resume (its id is kept in the workdir)."""
+    try:
+        import wandb
+    except ImportError:
+        raise UserRuntimeError(f"wandb_project={config.wandb_project!r} is set but wandb is not installed: "
+                               "pip install wandb, or unset --config.wandb_project") from None
+    id_file = pathlib.Path(workdir, "wandb_run_id")
+    run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(4)
+    id_file.write_text(run_id)
+    return wandb.init(project=config.wandb_project, config=config.to_dict(), dir=workdir, id=run_id,
+                      resume="allow")
+
+
+def _replace(path: str, content: bytes):
+    with open(path + ".tmp", "wb") as f:
+        f.write(content)
+    os.replace(path + ".tmp", path)
 
 
 class EventFile:
@@ -156,6 +186,45 @@ class EventFile:
 
     def close(self):
         self.file.close()
+
+
+def _drop_events_after(path: str, step: int):
+    """Rewrites an event file without its events after `step` (records are kept byte for byte)."""
+    with open(path, "rb") as f:
+        blob = f.read()
+    kept, pos = [], 0
+    while pos + 12 <= len(blob):  # a record: length (8 bytes), its CRC (4), the Event, its CRC (4)
+        (n,) = struct.unpack_from("<Q", blob, pos)
+        if _event_step(blob[pos + 12:pos + 12 + n]) <= step:
+            kept.append(blob[pos:pos + 16 + n])
+        pos += 16 + n
+    _replace(path, b"".join(kept))
+
+
+def _event_step(event: bytes) -> int:
+    """Event.step (field 2) of a serialized Event; 0 when absent."""
+    pos = 0
+    while pos < len(event):
+        key, pos = _read_varint(event, pos)
+        if key & 7 == 0:
+            value, pos = _read_varint(event, pos)
+            if key >> 3 == 2:
+                return value
+        elif key & 7 == 2:
+            length, pos = _read_varint(event, pos)
+            pos += length
+        else:  # fixed64 (1) or fixed32 (5)
+            pos += 8 if key & 7 == 1 else 4
+    return 0
+
+
+def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = data[pos]
+        value, shift, pos = value | (byte & 0x7F) << shift, shift + 7, pos + 1
+        if byte < 0x80:
+            return value, pos
 
 
 def _field(number: int, wire_type: int, value) -> bytes:

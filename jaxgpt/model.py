@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxgpt import sharding
+from jaxgpt.errors import UserValueError
 from jaxgpt.ops import ATTENTION, KERNELS, Ops
 
 PRESETS = {  # name -> (n_layer, n_head, n_embd), the four released GPT-2 sizes
@@ -53,17 +54,17 @@ class GPTConfig:
 
     def __post_init__(self):
         if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+            raise UserValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
         if self.valid_vocab_size is not None and self.valid_vocab_size < 1:
-            raise ValueError(f"valid_vocab_size={self.valid_vocab_size} must be positive")
+            raise UserValueError(f"valid_vocab_size={self.valid_vocab_size} must be positive")
         for name, allowed in (("remat", REMAT_POLICIES), ("attention", ATTENTION), ("kernels", KERNELS)):
             if getattr(self, name) not in allowed:
-                raise ValueError(f"{name}={getattr(self, name)!r}: expected one of {list(allowed)}")
+                raise UserValueError(f"{name}={getattr(self, name)!r}: expected one of {list(allowed)}")
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> GPTConfig:
         if name not in PRESETS:
-            raise ValueError(f"unknown preset {name!r}: expected one of {sorted(PRESETS)}")
+            raise UserValueError(f"unknown preset {name!r}: expected one of {sorted(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides})
 
     @property
@@ -193,7 +194,7 @@ class GPT(nnx.Module):
         cfg = self.config
         B, T = idx.shape
         if T > cfg.block_size:
-            raise ValueError(f"sequence length {T} exceeds block_size {cfg.block_size}")
+            raise UserValueError(f"sequence length {T} exceeds block_size {cfg.block_size}")
         if positions is None:
             positions = jnp.arange(T)[None]  # (1, T)
         keys = jax.random.split(rng, cfg.n_layer + 1) if rng is not None else [None] * (cfg.n_layer + 1)

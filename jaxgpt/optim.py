@@ -4,12 +4,14 @@ from __future__ import annotations
 import jax
 import optax
 
+from jaxgpt.errors import UserValueError
+
 
 def learning_rate_schedule(optim, max_steps: int) -> optax.Schedule:
     """Linear warmup to optim.lr, then cosine to optim.lr * optim.min_lr_ratio at decay_steps (0: max_steps)."""
     decay_steps = optim.decay_steps or max_steps
     if optim.warmup_steps >= decay_steps:
-        raise ValueError(f"warmup_steps={optim.warmup_steps} must be smaller than decay_steps={decay_steps}")
+        raise UserValueError(f"warmup_steps={optim.warmup_steps} must be smaller than decay_steps={decay_steps}")
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=optim.lr, warmup_steps=optim.warmup_steps,
         decay_steps=decay_steps, end_value=optim.lr * optim.min_lr_ratio)

@@ -4,7 +4,9 @@ from __future__ import annotations
 import json
 import os
 
-from absl import app, flags
+from absl import flags
+
+from jaxgpt.errors import UserFileNotFoundError, UserValueError
 
 flags.DEFINE_string("out", None, "PNG to write; default WORKDIR/loss.png.")
 
@@ -12,7 +14,7 @@ flags.DEFINE_string("out", None, "PNG to write; default WORKDIR/loss.png.")
 def read_metrics(workdir: str) -> list[dict]:
     path = os.path.join(workdir, "metrics.jsonl")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} does not exist: is {workdir} a jaxgpt training workdir?")
+        raise UserFileNotFoundError(f"{path} does not exist: is {workdir} a jaxgpt training workdir?")
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
 
@@ -39,9 +41,10 @@ def plot(workdir: str, out: str | None = None) -> str:
 
 def main(argv):
     if len(argv) != 2:
-        raise app.UsageError("usage: python -m jaxgpt.plot WORKDIR [--out=FILE]")
+        raise UserValueError("usage: python -m jaxgpt.plot WORKDIR [--out=FILE]")
     print(plot(argv[1], flags.FLAGS.out))
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from jaxgpt import cli
+    cli.run(main)

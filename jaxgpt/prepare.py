@@ -7,18 +7,23 @@
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import glob
 import hashlib
 import multiprocessing
 import os
+import shutil
 import sys
+import tempfile
 import urllib.request
 
 import numpy as np
 from absl import logging
 from tqdm import tqdm
 
+from jaxgpt import data
 from jaxgpt.data import find_shards, write_shard
+from jaxgpt.errors import UserFileExistsError, UserFileNotFoundError, UserRuntimeError, UserValueError
 from jaxgpt.tokenizer import TOKENIZER_FILE, CharTokenizer, Tokenizer, get_tokenizer
 
 DATASETS = ("auto", "text", "tinyshakespeare", "stdlib_docs", "fineweb_edu")
@@ -42,19 +47,19 @@ def prepare(out_dir: str, *, dataset: str = "auto", input: str | None = None, to
     tokenizing processes; max_shards > 0 stops early; its first shard is the validation split, as llm.c).
     """
     if dataset not in DATASETS:
-        raise ValueError(f"unknown dataset {dataset!r}: expected one of {DATASETS}")
+        raise UserValueError(f"unknown dataset {dataset!r}: expected one of {DATASETS}")
     if tokenizer not in ("gpt2", "char"):
-        raise ValueError(f"unknown tokenizer {tokenizer!r}: expected 'gpt2' or 'char'")
+        raise UserValueError(f"unknown tokenizer {tokenizer!r}: expected 'gpt2' or 'char'")
     if not 0 < val_fraction < 1:
-        raise ValueError(f"val_fraction={val_fraction} must lie strictly between 0 and 1")
+        raise UserValueError(f"val_fraction={val_fraction} must lie strictly between 0 and 1")
     if shard_size < 1:
-        raise ValueError(f"shard_size={shard_size} must be positive")
+        raise UserValueError(f"shard_size={shard_size} must be positive")
     if dataset == "fineweb_edu":
         if tokenizer != "gpt2":
-            raise ValueError("fineweb_edu is prepared with --tokenizer=gpt2 only")
-        _make_out_dir(out_dir, overwrite)
-        _prepare_fineweb_edu(out_dir, shard_size, num_proc or max(1, (os.cpu_count() or 2) // 2), max_shards)
-        get_tokenizer("gpt2").save(out_dir)
+            raise UserValueError("fineweb_edu is prepared with --tokenizer=gpt2 only")
+        with _staging(out_dir, overwrite) as staging:
+            _prepare_fineweb_edu(staging, shard_size, num_proc or max(1, (os.cpu_count() or 2) // 2), max_shards)
+            get_tokenizer("gpt2").save(staging)
         return out_dir
 
     docs = _documents(dataset, input)
@@ -64,11 +69,11 @@ def prepare(out_dir: str, *, dataset: str = "auto", input: str | None = None, to
     else:
         tok = get_tokenizer("gpt2")
     train_docs, val_docs = split_documents(docs, val_fraction)
-    _make_out_dir(out_dir, overwrite)
-    for split, split_docs in (("train", train_docs), ("val", val_docs)):
-        tokens = encode_documents(tok, split_docs, desc=f"tokenizing {split}")
-        _write_split(out_dir, split, tokens, shard_size)
-    tok.save(out_dir)
+    with _staging(out_dir, overwrite) as staging:
+        for split, split_docs in (("train", train_docs), ("val", val_docs)):
+            tokens = encode_documents(tok, split_docs, desc=f"tokenizing {split}")
+            _write_split(staging, split, tokens, shard_size)
+        tok.save(staging)
     logging.info("prepared %s (%s tokenizer, vocab_size %d)", out_dir, tok.name, tok.vocab_size)
     return out_dir
 
@@ -87,8 +92,8 @@ def split_documents(docs: list[str], val_fraction: float) -> tuple[list[str], li
 def encode_documents(tok: Tokenizer, docs: list[str], desc: str = "tokenizing") -> np.ndarray:
     """All documents' tokens as uint16, separated by the end-of-text token when the tokenizer has one."""
     if not docs:
-        raise ValueError("nothing to tokenize: the split is empty (a too small input, or val_fraction too close "
-                         "to 0 or 1)")
+        raise UserValueError("nothing to tokenize: the split is empty (a too small input, or val_fraction too close "
+                             "to 0 or 1)")
     pieces = []
     for i, doc in enumerate(tqdm(docs, desc=desc, unit="doc", disable=len(docs) < 2)):
         if i and tok.eot is not None:
@@ -104,22 +109,34 @@ def _write_split(out_dir: str, split: str, tokens: np.ndarray, shard_size: int) 
     logging.info("%s: %d tokens in %d shard(s)", split, len(tokens), len(starts))
 
 
-def _make_out_dir(out_dir: str, overwrite: bool) -> None:
-    os.makedirs(out_dir, exist_ok=True)
-    existing = []
-    for split in ("train", "val"):
-        try:
-            existing += find_shards(out_dir, split)
-        except FileNotFoundError:
-            pass
-    if not existing:
-        return
-    if not overwrite:
-        raise FileExistsError(f"{out_dir} already holds shards ({os.path.basename(existing[0])}, ...): "
-                              "choose another --out or pass --overwrite")
-    for path in existing + [os.path.join(out_dir, TOKENIZER_FILE)]:
-        if os.path.exists(path):
-            os.remove(path)
+@contextlib.contextmanager
+def _staging(out_dir: str, overwrite: bool):
+    """A fresh directory beside out_dir to prepare into, which becomes out_dir only when complete: a new out_dir is
+    the staging directory renamed; an existing one (empty, or --overwrite) loses its old shards and receives the
+    new files, tokenizer.json last. An interrupted preparation leaves out_dir as it was, or without tokenizer.json."""
+    existing = _shards(out_dir) if os.path.isdir(out_dir) else []
+    if existing and not overwrite:
+        raise UserFileExistsError(f"{out_dir} already holds shards ({os.path.basename(existing[0])}, ...): "
+                                  "choose another --out or pass --overwrite")
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out_dir))}.partial-", dir=parent)
+    try:
+        yield staging
+        if not os.path.isdir(out_dir):
+            os.rename(staging, out_dir)
+            return
+        for path in existing + [os.path.join(out_dir, TOKENIZER_FILE)]:
+            if os.path.exists(path):
+                os.remove(path)
+        for name in sorted(os.listdir(staging), key=lambda n: n == TOKENIZER_FILE):
+            os.replace(os.path.join(staging, name), os.path.join(out_dir, name))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _shards(directory: str) -> list[str]:
+    return [f for split in ("train", "val") if data.has_split(directory, split) for f in find_shards(directory, split)]
 
 
 def _documents(dataset: str, input: str | None) -> list[str]:
@@ -134,7 +151,7 @@ def _documents(dataset: str, input: str | None) -> list[str]:
             return _stdlib_docs()
     if dataset == "text":
         if not input:
-            raise ValueError("dataset=text needs --input=FILE or a glob of text files")
+            raise UserValueError("dataset=text needs --input=FILE or a glob of text files")
         return _read_text_files(input)
     if dataset == "tinyshakespeare":
         return [_tinyshakespeare(input)]
@@ -144,7 +161,7 @@ def _documents(dataset: str, input: str | None) -> list[str]:
 def _read_text_files(pattern: str) -> list[str]:
     files = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
     if not files or not all(os.path.isfile(f) for f in files):
-        raise FileNotFoundError(f"--input={pattern}: no such text file(s)")
+        raise UserFileNotFoundError(f"--input={pattern}: no such text file(s)")
     docs = []
     for path in files:
         with open(path, encoding="utf-8") as f:
@@ -164,12 +181,12 @@ def _tinyshakespeare(local_path: str | None) -> str:
             with urllib.request.urlopen(TINYSHAKESPEARE_URL, timeout=20) as response:
                 data, source = response.read(), TINYSHAKESPEARE_URL
         except OSError as e:
-            raise RuntimeError(f"could not download tinyshakespeare from {TINYSHAKESPEARE_URL} ({e}); offline, "
-                               "pass a local copy with --input=path/to/input.txt") from None
+            raise UserRuntimeError(f"could not download tinyshakespeare from {TINYSHAKESPEARE_URL} ({e}); offline, "
+                                   "pass a local copy with --input=path/to/input.txt") from None
     digest = hashlib.sha256(data).hexdigest()
     if digest != TINYSHAKESPEARE_SHA256:
-        raise RuntimeError(f"{source}: {len(data)} bytes with sha256 {digest}, not tinyshakespeare "
-                           f"(1115394 bytes, sha256 {TINYSHAKESPEARE_SHA256}); use --dataset=text for other text")
+        raise UserRuntimeError(f"{source}: {len(data)} bytes with sha256 {digest}, not tinyshakespeare "
+                               f"(1115394 bytes, sha256 {TINYSHAKESPEARE_SHA256}); use --dataset=text for other text")
     return data.decode("utf-8")
 
 
@@ -235,7 +252,7 @@ def _prepare_fineweb_edu(out_dir: str, shard_size: int, num_proc: int, max_shard
     try:
         import datasets
     except ImportError:
-        raise RuntimeError("--dataset=fineweb_edu needs Hugging Face datasets: pip install 'jaxgpt[hf]'") from None
+        raise UserRuntimeError("--dataset=fineweb_edu needs Hugging Face datasets: pip install 'jaxgpt[hf]'") from None
     logging.info("fineweb_edu: streaming sample-10BT with %d tokenizing processes; --val_fraction is ignored "
                  "(the first shard is the validation split)", num_proc)
     stream = datasets.load_dataset("HuggingFaceFW/fineweb-edu", name="sample-10BT", split="train", streaming=True)
@@ -271,11 +288,8 @@ def main(argv):
     from absl import flags
 
     f = flags.FLAGS
-    try:
-        prepare(f.out, dataset=f.dataset, input=f.input or None, tokenizer=f.tokenizer, val_fraction=f.val_fraction,
-                shard_size=f.shard_size, overwrite=f.overwrite, num_proc=f.num_proc or None, max_shards=f.max_shards)
-    except (ValueError, OSError, RuntimeError) as e:  # bad flags, missing files, offline: the message says it all
-        sys.exit(f"jaxgpt.prepare: error: {e}")
+    prepare(f.out, dataset=f.dataset, input=f.input or None, tokenizer=f.tokenizer, val_fraction=f.val_fraction,
+            shard_size=f.shard_size, overwrite=f.overwrite, num_proc=f.num_proc or None, max_shards=f.max_shards)
 
 
 def _define_flags() -> None:
@@ -294,7 +308,7 @@ def _define_flags() -> None:
 
 
 if __name__ == "__main__":
-    from absl import app
+    from jaxgpt import cli
 
     _define_flags()
-    app.run(main)
+    cli.run(main)

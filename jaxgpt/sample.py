@@ -9,24 +9,25 @@ from __future__ import annotations
 import os
 import sys
 
-from absl import app, flags, logging
+from absl import flags, logging
 
-from jaxgpt import generate, loader, tokenizer
+from jaxgpt import cli, generate, loader, tokenizer
+from jaxgpt.errors import UserFileNotFoundError, UserValueError
 from jaxgpt.model import GPT
 
 
-def load_model(ckpt: str | None, hf: str | None) -> GPT:
-    """The model of --ckpt (jaxgpt directory) or --hf (Hugging Face directory): exactly one must be given."""
+def load_model(ckpt: str | None, hf: str | None, step: str = "latest") -> GPT:
+    """The model of --ckpt (jaxgpt directory, at --step) or --hf (Hugging Face directory): exactly one."""
     if bool(ckpt) == bool(hf):
-        raise app.UsageError("give exactly one of --ckpt=DIR (jaxgpt model or workdir) or --hf=DIR (Hugging Face)")
-    return loader.load(f"hf:{hf}" if hf else f"ckpt:{ckpt}")
+        raise UserValueError("give exactly one of --ckpt=DIR (jaxgpt model or workdir) or --hf=DIR (Hugging Face)")
+    return loader.load(f"hf:{hf}" if hf else f"ckpt:{ckpt}", step)
 
 
 def load_tokenizer(name: str, model: GPT) -> tokenizer.Tokenizer:
     """'gpt2' or a data directory with tokenizer.json; checked to fit the model's vocabulary."""
     tok = tokenizer.get_tokenizer("gpt2") if name == "gpt2" else tokenizer.load_tokenizer(name)
     if tok.vocab_size > model.config.n_valid_vocab:
-        raise app.UsageError(f"the {tok.name} tokenizer has {tok.vocab_size} tokens but the model only "
+        raise UserValueError(f"the {tok.name} tokenizer has {tok.vocab_size} tokens but the model only "
                              f"{model.config.n_valid_vocab}: pass the --tokenizer the model was trained with")
     return tok
 
@@ -37,7 +38,7 @@ def read_prompt(prompt: str) -> str:
         return prompt
     path = prompt[len("FILE:"):]
     if not os.path.isfile(path):
-        raise app.UsageError(f"--prompt={prompt}: no such file {path!r}")
+        raise UserFileNotFoundError(f"--prompt={prompt}: no such file {path!r}")
     with open(path, encoding="utf-8") as f:
         return f.read()
 
@@ -77,10 +78,10 @@ def sample(model: GPT, tok: tokenizer.Tokenizer, text: str, *, num_samples: int,
 
 def main(argv):
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+        raise UserValueError(f"unexpected arguments {argv[1:]}")
     f = flags.FLAGS
     logging.set_verbosity(logging.WARNING)  # keep the terminal for the text (orbax logs every restore)
-    model = load_model(f.ckpt, f.hf)
+    model = load_model(f.ckpt, f.hf, f.step)
     tok = load_tokenizer(f.tokenizer, model)
     settings = dict(num_samples=f.num_samples, seed=f.seed, max_new_tokens=f.max_new_tokens,
                     temperature=f.temperature, top_k=f.top_k or None, top_p=f.top_p)
@@ -100,6 +101,7 @@ def main(argv):
 
 def define_flags():
     flags.DEFINE_string("ckpt", None, "jaxgpt model directory or training workdir")
+    flags.DEFINE_string("step", "latest", "a training workdir's checkpoint: latest, best (lowest val loss) or N")
     flags.DEFINE_string("hf", None, "local Hugging Face GPT-2 directory (config.json + model.safetensors)")
     flags.DEFINE_string("tokenizer", "gpt2", "'gpt2' or a data directory holding tokenizer.json")
     flags.DEFINE_string("prompt", "", "prompt text, or FILE:path; empty starts from <|endoftext|>")
@@ -114,4 +116,4 @@ def define_flags():
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    cli.run(main)

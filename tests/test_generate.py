@@ -117,6 +117,37 @@ def test_top_k_top_p_only_sample_inside_their_sets(temperature, top_k, top_p):
         assert len(seen) >= min(len(allowed), 3) and len(allowed) > 1  # the draws explore the set
 
 
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 5, None), (0.7, None, 0.6), (1.5, 40, 0.9),
+                                                     (1.0, None, 0.3), (0.5, 20, 0.95)])
+def test_filtering_equals_hf_logits_processors_and_draws_follow_the_softmax(temperature, top_k, top_p):
+    """Sampler.filter against transformers' temperature, top-k and top-p warpers (in that order, as generate
+    applies them) on the same logits; then 20,000 draws of one row against the filtered softmax (chi-square)."""
+    from scipy import stats
+    from transformers.generation import logits_process as lp
+
+    logits = 1.5 * jax.random.normal(jax.random.key(1), (3, 300))
+    warpers = [lp.TemperatureLogitsWarper(temperature)]
+    warpers += [lp.TopKLogitsWarper(top_k)] if top_k is not None else []
+    warpers += [lp.TopPLogitsWarper(top_p)] if top_p is not None else []
+    theirs = torch.tensor(np.asarray(logits))
+    for warp in warpers:
+        theirs = warp(None, theirs)
+    sampler = generate.Sampler(temperature, top_k, top_p)
+    ours = np.asarray(sampler.filter(logits))
+    np.testing.assert_array_equal(np.isfinite(ours), np.isfinite(theirs.numpy()))
+    np.testing.assert_allclose(ours[np.isfinite(ours)], theirs.numpy()[np.isfinite(ours)], rtol=1e-6, atol=1e-6)
+
+    n = 20_000
+    draws = np.asarray(jax.vmap(lambda k: sampler(logits[:1], k))(jax.random.split(jax.random.key(3), n)))[:, 0]
+    kept = np.flatnonzero(np.isfinite(ours[0]))
+    probs = np.exp(ours[0, kept].astype(np.float64) - ours[0, kept].max())
+    observed = np.array([(draws == t).sum() for t in kept])
+    assert observed.sum() == n  # nothing outside the kept set
+    statistic, p_value = stats.chisquare(observed, n * probs / probs.sum())
+    print(f"\n[T={temperature}, k={top_k}, p={top_p}] {len(kept)} tokens kept, chi-square p = {p_value:.3g}")
+    assert len(kept) == 1 or p_value > 1e-3
+
+
 def test_seed_reproducible_and_padded_vocab_never_sampled():
     config = GPTConfig(vocab_size=128, valid_vocab_size=100, block_size=128, n_layer=2, n_head=2, n_embd=32)
     model = build(config, seed=3)

@@ -12,9 +12,11 @@ from jaxgpt import metrics
 
 
 def read_events(logdir):
+    """Every event of every event file in logdir (oldest file first), each record's CRCs checked."""
     from tensorboardX.record_writer import masked_crc32c
-    (path,) = glob.glob(f"{logdir}/events.out.tfevents.*")
-    events, raw = [], pathlib.Path(path).read_bytes()
+    paths = sorted(glob.glob(f"{logdir}/events.out.tfevents.*"), key=lambda p: pathlib.Path(p).stat().st_mtime)
+    events, raw = [], b"".join(pathlib.Path(p).read_bytes() for p in paths)
+    assert paths
     while raw:
         header, (length_crc,) = raw[:8], struct.unpack("<I", raw[8:12])
         (length,) = struct.unpack("<Q", header)

@@ -3,27 +3,28 @@ two jax.distributed processes match one process; a dead peer ends the run in bou
 import json
 import os
 import pathlib
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
 
+import corpus
+import jax
 import numpy as np
 import pytest
 
 from jaxgpt import prepare
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
 STEPS = 6
 
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    text = tmp_path_factory.mktemp("text") / "shakespeare_100k.txt"
-    text.write_text(SHAKESPEARE.read_text()[:100_000])
-    return prepare.prepare(str(tmp_path_factory.mktemp("char")), dataset="text", input=str(text), tokenizer="char")
+    text = corpus.write(tmp_path_factory.mktemp("text") / "corpus_100k.txt", 100_000)
+    return prepare.prepare(str(tmp_path_factory.mktemp("char")), dataset="text", input=text, tokenizer="char")
 
 
 def worker(jobs, devices, *distributed, background=False):
@@ -50,6 +51,23 @@ def assert_same_run(a, b, atol=1e-5):
 
 
 MESHES = {"data8": [8, 1, 1], "data2_fsdp4": [2, 4, 1], "data2_fsdp2_tensor2": [2, 2, 2], "tensor4": [2, 1, 4]}
+SPLITS = {  # parameter -> the mesh axis each of its dimensions is split over (when that axis is larger than 1)
+    "wte": ("tensor", "fsdp"), "wpe": (None, "fsdp"), "ln_1": ("fsdp",), "ln_2": ("fsdp",), "ln_f": ("fsdp",),
+    "c_attn.kernel": ("fsdp", "tensor"), "c_attn.bias": ("tensor",), "attn.c_proj.kernel": ("tensor", "fsdp"),
+    "c_fc.kernel": ("fsdp", "tensor"), "c_fc.bias": ("tensor",), "mlp.c_proj.kernel": ("tensor", "fsdp"),
+    "c_proj.bias": ("fsdp",),
+}
+
+
+def assert_shardings(specs_file, mesh):
+    """Every parameter is split as SPLITS says over the mesh [data, fsdp, tensor]: its actual sharding."""
+    sizes = dict(zip(("data", "fsdp", "tensor"), mesh))
+    specs = json.loads(pathlib.Path(specs_file).read_text())
+    for key, spec in specs.items():
+        name = ".".join(re.findall(r"'(\w+)'", key))
+        kind = next(k for k in SPLITS if k in name)
+        assert spec == [a if a and sizes[a] > 1 else None for a in SPLITS[kind]], (key, spec, mesh)
+    assert len(specs) == 4 + 12 * 2  # wte, wpe, ln_f scale and bias; 12 per block
 
 
 @pytest.mark.slow
@@ -66,6 +84,8 @@ def test_every_mesh_and_resharded_restores_match_one_device(data_dir, tmp_path):
            devices=1)
     for name in [*MESHES, "remeshed", "to_one_device"]:
         assert_same_run(tmp_path / "one_device.npz", tmp_path / f"{name}.npz")
+    for name, mesh in [*MESHES.items(), ("remeshed", [1, 4, 2]), ("one_device", [1, 1, 1])]:
+        assert_shardings(tmp_path / f"{name}.npz.specs.json", mesh)
 
 
 def free_port():
@@ -102,3 +122,42 @@ def test_a_dead_process_ends_the_other_in_bounded_time(data_dir, tmp_path):
     assert survivor.returncode != 0
     assert time.time() - killed_at < 60
     assert "another task died" in rest or "unhealthy" in rest, "".join(log)[-2000:] + rest[-3000:]
+
+
+def cli_train(workdir, data_dir, max_steps, devices, *distributed):
+    """`python -m jaxgpt.train` as a user launches it, on `devices` forced CPU devices."""
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+    command = [sys.executable, "-m", "jaxgpt.train", "--config=configs/tiny.py", f"--workdir={workdir}",
+               f"--config.data.dir={data_dir}", f"--config.max_steps={max_steps}", "--config.optim.decay_steps=8",
+               "--config.eval_every=4", "--config.checkpoint_every=2", "--config.sample_tokens=8",
+               "--config.log_every=1", *distributed]
+    return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def finish(*procs):
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outputs)
+    return outputs
+
+
+@pytest.mark.slow
+def test_two_cli_processes_resume_and_match_one_process(data_dir, tmp_path):
+    """Two `jaxgpt.train` processes (2 CPU devices each, --coordinator_address/--num_processes/--process_id) train
+    past a checkpoint and an evaluation with a sample, stop, are launched again and resume; the result equals one
+    4-device process running the same 8 steps."""
+    from flax import nnx
+
+    from jaxgpt import checkpoint
+
+    def two(max_steps):
+        address = f"--coordinator_address=127.0.0.1:{free_port()}"
+        return finish(*(cli_train(tmp_path / "two", data_dir, max_steps, 2, address, "--num_processes=2",
+                                  f"--process_id={i}") for i in range(2)))
+    first = two(5)
+    assert "step 4: val loss" in first[0] and "step 4: val loss" not in first[1]  # process 0 alone speaks
+    second = two(8)
+    assert "at step 5" in second[0] and "step 5: loss" not in second[0] and "step 8: loss" in second[0]
+    finish(cli_train(tmp_path / "one", data_dir, 8, 4))
+    a, b = (nnx.state(checkpoint.load_model(str(tmp_path / d)), nnx.Param) for d in ("one", "two"))
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=0, atol=1e-6)

@@ -2,15 +2,14 @@
 import hashlib
 import json
 import os
-import pathlib
 
+import corpus
 import pytest
 import tiktoken.load
 
 from jaxgpt import tokenizer as tokenizer_lib
 from jaxgpt.tokenizer import CharTokenizer, get_tokenizer, load_tokenizer
 
-SHAKESPEARE = str(pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt")
 SAMPLES = [
     "Hello world",
     " héllo  wörld\n\n  ✓ 123456 don't  \n",
@@ -19,9 +18,12 @@ SAMPLES = [
 ]
 
 
-def read_shakespeare() -> str:
-    with open(SHAKESPEARE) as f:
-        return f.read()
+SHAKESPEARE_CHARS = "\n !$&',-.3:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"  # nanoGPT's 65
+
+
+def shakespeare_like() -> str:
+    """Corpus text in tinyshakespeare's 65 characters, each of them present."""
+    return SHAKESPEARE_CHARS + "".join(c for c in corpus.text(100_000) if c in SHAKESPEARE_CHARS)
 
 
 @pytest.fixture
@@ -59,7 +61,7 @@ def test_gpt2_matches_hugging_face_and_round_trips():
         merges = [tuple(line.split()) for line in f.read().split("\n")[1:-1]]
     reference = GPT2Tokenizer(vocab=vocab, merges=merges)
     tok = get_tokenizer("gpt2")
-    for text in SAMPLES + [read_shakespeare()[:5000]]:
+    for text in SAMPLES + [corpus.text(5000)]:
         ids = tok.encode(text)
         assert ids == reference.encode(text)
         assert tok.decode(ids) == text
@@ -83,15 +85,16 @@ def test_gpt2_uses_tiktoken_cache_when_present_without_writing_one(tmp_path, mon
     tokenizer_lib._gpt2_encoding.cache_clear()
     from_cache = tokenizer_lib._gpt2_encoding()
     assert from_cache is tiktoken.get_encoding("gpt2")
+    assert from_cache.encode_ordinary("Hello world") == from_bundle.encode_ordinary("Hello world") == [15496, 995]
     for text in SAMPLES:
         assert from_cache.encode_ordinary(text) == from_bundle.encode_ordinary(text)
 
 
 def test_char_vocab_of_tinyshakespeare():
-    text = read_shakespeare()
+    text = shakespeare_like()
     tok = get_tokenizer("char", text=text)
     assert tok.vocab_size == 65  # nanoGPT's shakespeare_char
-    assert "".join(tok.chars) == "\n !$&',-.3:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+    assert "".join(tok.chars) == SHAKESPEARE_CHARS
     assert tok.eot is None and tok.name == "char"
     assert tok.encode("hii there") == [46, 47, 47, 1, 58, 46, 43, 56, 43]  # Karpathy's "Let's build GPT" example
     ids = tok.encode(text)

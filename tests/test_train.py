@@ -1,29 +1,31 @@
 """The training job: loss goes down, exact resume (in process and after SIGKILL), clear errors, the 124M config."""
+import dataclasses
 import importlib
 import json
 import os
 import pathlib
+import re
 import signal
+import struct
 import subprocess
 import sys
 import time
 
+import corpus
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from jaxgpt import checkpoint, plot, prepare, train
+from jaxgpt import checkpoint, data, plot, prepare, train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
 
 
 @pytest.fixture(scope="module")
 def text_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("text") / "shakespeare_200k.txt"
-    path.write_text(SHAKESPEARE.read_text()[:200_000])
-    return str(path)
+    return corpus.write(tmp_path_factory.mktemp("text") / "corpus_200k.txt", 200_000)
 
 
 @pytest.fixture(scope="module")
@@ -65,15 +67,24 @@ def test_tiny_config_on_gpt2_bpe_lowers_the_loss(gpt2_data, tmp_path):
     assert list((tmp_path / "tensorboard").iterdir())
 
 
-def test_resume_is_bit_exact(char_data, tmp_path):
+def logged_steps(output: str) -> list[int]:
+    """The steps of the training log lines ("step N: loss ...") in a run's output."""
+    return [int(m) for m in re.findall(r"^step (\d+): loss", output, re.M)]
+
+
+def test_resume_is_bit_exact(char_data, tmp_path, capsys):
     common = {"data.dir": char_data, "optim.decay_steps": 12, "checkpoint_every": 3, "eval_every": 6,
-              "model.dropout": 0.1, "grad_accum_steps": 2, "sample_tokens": 0}
+              "model.dropout": 0.1, "grad_accum_steps": 2, "sample_tokens": 0, "log_every": 1}
     straight = train.train(make_config(**common, max_steps=12), str(tmp_path / "straight"))
     train.train(make_config(**common, max_steps=6), str(tmp_path / "halves"))
+    capsys.readouterr()
     resumed = train.train(make_config(**common, max_steps=12), str(tmp_path / "halves"))
+    output = capsys.readouterr().out
     for a, b in zip(params_of(straight), params_of(resumed), strict=True):
         np.testing.assert_array_equal(a, b)
     assert int(resumed.step) == 12
+    # It resumed: the steps before the checkpoint were not run again.
+    assert "at step 6" in output and logged_steps(output) == list(range(7, 13)), output
 
 
 def test_steps_per_call_matches_one_step_per_call(char_data, tmp_path):
@@ -149,7 +160,9 @@ def test_sigkill_mid_save_then_resume_matches_uninterrupted_run(char_data, tmp_p
     last = completed_steps(killed)[-1]
     assert 10 <= last < 40
     checkpoint.load_model(str(killed))  # the last complete checkpoint is usable on its own
-    subprocess.run(train_command(killed, char_data), cwd=REPO, check=True, capture_output=True)
+    output = subprocess.run(train_command(killed, char_data), cwd=REPO, check=True, capture_output=True,
+                            text=True).stdout
+    assert f"at step {last}" in output and min(logged_steps(output)) > last, output  # resumed, not rerun
     a = nnx.state(checkpoint.load_model(str(tmp_path / "straight")), nnx.Param)
     b = nnx.state(checkpoint.load_model(str(killed)), nnx.Param)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
@@ -176,6 +189,16 @@ def test_corrupt_shard_is_a_clear_error(char_data, tmp_path):
     shard = (pathlib.Path(char_data) / "train_000000.bin").read_bytes()
     (bad / "train_000000.bin").write_bytes(shard[: len(shard) // 2])  # truncated
     with pytest.raises(ValueError, match="train_000000.bin.*truncated"):
+        train.train(make_config(**{"data.dir": str(bad)}), str(tmp_path / "w"))
+
+
+def test_val_shard_out_of_the_vocabulary_is_a_clear_error(char_data, tmp_path):
+    bad = tmp_path / "data"
+    bad.mkdir()
+    for name in ("tokenizer.json", "train_000000.bin"):
+        (bad / name).write_bytes((pathlib.Path(char_data) / name).read_bytes())
+    data.write_shard(str(bad / "val_000000.bin"), np.full(5000, 500))
+    with pytest.raises(ValueError, match=r"val_000000.bin: token 500 at position \d+ is outside the vocabulary"):
         train.train(make_config(**{"data.dir": str(bad)}), str(tmp_path / "w"))
 
 
@@ -221,6 +244,7 @@ def test_124m_config_runs_one_step_on_cpu(gpt2_data, tmp_path):
 
 
 def test_finetune_starts_from_hugging_face_weights(gpt2_data, tmp_path, make_hf_gpt2):
+    pytest.importorskip("torch")
     import torch_bridge
     hf_dir = tmp_path / "hf"
     make_hf_gpt2(vocab_size=50257, n_positions=64).save_pretrained(hf_dir)
@@ -241,6 +265,142 @@ def test_hellaswag_runs_inside_training(gpt2_data, tmp_path):
     train.train(config, str(tmp_path))
     row = next(r for r in read_metrics(tmp_path) if "hellaswag_acc" in r)
     assert 0.0 <= row["hellaswag_acc"] <= 1.0 and 0.0 <= row["hellaswag_acc_norm"] <= 1.0
+    from jaxgpt import evaluate
+    from jaxgpt.tokenizer import get_tokenizer
+    alone = evaluate.hellaswag_eval(checkpoint.load_model(str(tmp_path)), get_tokenizer("gpt2"), str(fixture))
+    assert (row["hellaswag_acc"], row["hellaswag_acc_norm"]) == (alone["acc"], alone["acc_norm"])
     with pytest.raises(FileNotFoundError, match="nowhere.jsonl"):
         train.train(make_config(**{"data.dir": gpt2_data, "hellaswag_file": str(tmp_path / "nowhere.jsonl")}),
                     str(tmp_path / "w2"))
+
+
+def test_checkpoints_kept_are_the_latest_and_the_best(char_data, tmp_path):
+    """keep_checkpoints=2, a checkpoint every 2 steps, val loss every 20: on disk, steps 38, 40 and the best."""
+    config = make_config(**{"data.dir": char_data, "max_steps": 40, "checkpoint_every": 2, "eval_every": 20,
+                            "keep_checkpoints": 2, "sample_tokens": 0, "optim.decay_steps": 40})
+    train.train(config, str(tmp_path))
+    val = {r["step"]: r["val_loss"] for r in read_metrics(tmp_path) if "val_loss" in r}
+    best = min(val, key=val.get)
+    assert completed_steps(tmp_path) == sorted({38, 40, best})
+    assert set(val) == {20, 40}
+    from jaxgpt import loader
+    params = {step: params_of_model(loader.load(str(tmp_path), step)) for step in ("best", best, "latest", 40)}
+    for a, b in zip(params["best"], params[best]):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(params["latest"], params[40]):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(FileNotFoundError, match="no checkpoint at step 2; it holds steps"):
+        loader.load(str(tmp_path), 2)
+
+
+def params_of_model(m):
+    return [np.asarray(x) for x in jax.tree.leaves(nnx.state(m, nnx.Param))]
+
+
+def test_resumed_run_writes_each_step_once(char_data, tmp_path):
+    """A run killed after step 9 (its checkpoints past step 5 gone) is resumed at 5: metrics.jsonl and the
+    TensorBoard events hold each step once, and the plot draws one curve through the resume."""
+    from test_metrics import read_events, scalars
+    common = {"data.dir": char_data, "max_steps": 10, "checkpoint_every": 4, "eval_every": 5, "log_every": 1,
+              "keep_checkpoints": 5, "sample_tokens": 0, "optim.decay_steps": 10}
+    train.train(make_config(**common), str(tmp_path))
+    for step in (8, 10):
+        subprocess.run(["rm", "-rf", str(tmp_path / "checkpoints" / str(step))], check=True)
+    assert completed_steps(tmp_path)[-1] == 5  # eval steps are checkpointed too
+    train.train(make_config(**common), str(tmp_path))
+    rows = [(r["step"], "loss" in r) for r in read_metrics(tmp_path)]
+    assert sorted(rows) == sorted(set(rows)) and {s for s, _ in rows} == set(range(1, 11))
+    events = [(step, tag) for step, tag, _ in scalars(read_events(tmp_path / "tensorboard"))]
+    assert len(events) == len(set(events)) and {s for s, _ in events} == set(range(1, 11))
+    assert os.path.getsize(plot.plot(str(tmp_path))) > 10_000
+
+
+def test_non_finite_val_loss_stops_and_is_never_the_best(char_data, tmp_path, monkeypatch):
+    """A val loss of nan at step 6 stops the run like a bad train loss: the checkpoint of step 3 stays the last
+    and the best, and nothing is saved for step 6."""
+    real = train.Trainer.evaluate
+
+    def evaluate(self, params, step, writer, say):
+        if step == 6:
+            self.steps = dataclasses.replace(self.steps, eval_loss=lambda *args: jnp.float32(jnp.nan))
+        return real(self, params, step, writer, say)
+    monkeypatch.setattr(train.Trainer, "evaluate", evaluate)
+    config = make_config(**{"data.dir": char_data, "max_steps": 9, "checkpoint_every": 3, "eval_every": 3,
+                            "sample_tokens": 0, "optim.decay_steps": 9})
+    with pytest.raises(FloatingPointError, match="val loss nan at step 6") as error:
+        train.train(config, str(tmp_path))
+    assert error.value.step == 6 and error.value.last_checkpoint == 3
+    assert completed_steps(tmp_path) == [3]
+    assert checkpoint.select_step(checkpoint.checkpoint_manager(str(tmp_path)), "best") == 3
+
+
+def test_existing_data_dir_without_shards_is_never_filled(tmp_path):
+    (tmp_path / "mistyped").mkdir()
+    (tmp_path / "mistyped" / "notes.txt").write_text("mine")
+    config = make_config(**{"data.dir": str(tmp_path / "mistyped")})
+    with pytest.raises(FileNotFoundError, match=r"has no train and val shards \(it holds \['notes.txt'\]\)"):
+        train.train(config, str(tmp_path / "w"))
+    assert os.listdir(tmp_path / "mistyped") == ["notes.txt"]
+
+
+def wandb_records(path):
+    """The records of a W&B run file (run-ID.wandb: a ':W&B' header, then LevelDB-log blocks of 32 KiB whose
+    chunks, each behind a 7-byte header (CRC, length, type: 1 whole, 2 first, 3 middle, 4 last), carry them)."""
+    data, pos, pending = pathlib.Path(path).read_bytes(), 7, b""
+    assert data[:4] == b":W&B"
+    while pos + 7 <= len(data):
+        left = 32768 - pos % 32768
+        if left < 7:  # too little room for a header: the block's tail is padding
+            pos += left
+            continue
+        _, length, kind = struct.unpack_from("<IHB", data, pos)
+        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+        if kind in (1, 4):
+            yield pending + chunk
+            pending = b""
+        elif kind in (2, 3):
+            pending += chunk
+
+
+def test_wandb_offline_run_logs_the_metrics(char_data, tmp_path, monkeypatch):
+    """With WANDB_MODE=offline, the history in the run's local W&B file holds metrics.jsonl's scalars."""
+    pytest.importorskip("wandb")
+    from wandb.proto import wandb_internal_pb2
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    config = make_config(**{"data.dir": char_data, "max_steps": 6, "eval_every": 3, "log_every": 2,
+                            "sample_tokens": 0, "wandb_project": "jaxgpt-test"})
+    train.train(config, str(tmp_path))
+    (run_file,) = tmp_path.glob("wandb/offline-run-*/run-*.wandb")
+    logged = {}
+    for raw in wandb_records(run_file):
+        record = wandb_internal_pb2.Record.FromString(raw)
+        if record.WhichOneof("record_type") == "history":
+            items = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item}
+            logged.setdefault(items.pop("_step"), {}).update({k: v for k, v in items.items() if k[0] != "_"})
+    expected = {}
+    for row in read_metrics(tmp_path):
+        expected.setdefault(row["step"], {}).update({k: v for k, v in row.items() if k != "step"})
+    assert logged.keys() == expected.keys() == {2, 3, 4, 6}
+    for step, values in expected.items():
+        assert logged[step] == pytest.approx(values, rel=1e-6), step
+
+
+def test_the_best_checkpoint_survives_a_resume(tmp_path):
+    """Val losses are stored with their checkpoints, so a manager opened again (a resumed run) still keeps the best
+    of the earlier steps while it deletes the rest."""
+    import orbax.checkpoint as ocp
+
+    def save(manager, step, val_loss):
+        manager.save(step, args=ocp.args.Composite(config=ocp.args.JsonSave({"step": step})),
+                     metrics=None if val_loss is None else {"val_loss": val_loss})
+        manager.wait_until_finished()
+    first = checkpoint.checkpoint_manager(str(tmp_path), keep=2, async_save=False)
+    for step, val_loss in ((2, 5.0), (4, None), (6, 3.0), (8, None)):
+        save(first, step, val_loss)
+    assert completed_steps(tmp_path) == [6, 8]
+    again = checkpoint.checkpoint_manager(str(tmp_path), keep=2, async_save=False)
+    for step, val_loss in ((10, 4.0), (12, None), (14, None)):
+        save(again, step, val_loss)
+    assert completed_steps(tmp_path) == [6, 12, 14]
+    assert checkpoint.select_step(again, "best") == 6

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 
 import torch
 
+from jaxgpt.errors import UserFileNotFoundError, UserValueError
 from jaxgpt.model import GPT
 from torch_bridge import convert
 from torch_bridge.mapping import HF, NANOGPT
@@ -36,16 +37,16 @@ def read_hf_dir(directory) -> tuple[dict, dict, str]:
     import transformers
     config_path = os.path.join(directory, "config.json")
     if not os.path.isfile(config_path):
-        raise FileNotFoundError(f"{directory} is not a Hugging Face model directory: config.json is missing")
+        raise UserFileNotFoundError(f"{directory} is not a Hugging Face model directory: config.json is missing")
     with open(config_path) as f:
         raw = json.load(f)
     if raw.get("model_type") != "gpt2":
-        raise ValueError(f"{config_path}: model_type is {raw.get('model_type')!r}, expected 'gpt2'")
+        raise UserValueError(f"{config_path}: model_type is {raw.get('model_type')!r}, expected 'gpt2'")
     hf_config = transformers.GPT2Config.from_dict(raw).to_dict()  # defaults filled in
     for name, read in (("model.safetensors", safetensors.torch.load_file), ("pytorch_model.bin", convert.load_pickle)):
         if os.path.isfile(path := os.path.join(directory, name)):
             return hf_config, read(path), path
-    raise FileNotFoundError(f"{directory} holds neither model.safetensors nor pytorch_model.bin")
+    raise UserFileNotFoundError(f"{directory} holds neither model.safetensors nor pytorch_model.bin")
 
 
 def to_hf(model: GPT):
@@ -53,7 +54,7 @@ def to_hf(model: GPT):
     import transformers
     c = model.config
     if not c.bias:
-        raise ValueError("Hugging Face GPT-2 always has biases: export a bias=False model with to_nanogpt")
+        raise UserValueError("Hugging Face GPT-2 always has biases: export a bias=False model with to_nanogpt")
     no_eos = {} if c.n_valid_vocab > 50256 else dict(bos_token_id=None, eos_token_id=None)  # token 50256 is eos
     hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(
         **convert.export_config(c, HF), embd_pdrop=c.dropout, attn_pdrop=0.0, **no_eos))  # jaxgpt: no attn dropout
@@ -72,7 +73,7 @@ def from_nanogpt(src, *, n_head: int | None = None, **overrides) -> GPT:
     is_path = isinstance(src, (str, os.PathLike))
     ckpt, source = (convert.load_pickle(src), str(src)) if is_path else (src, "nanoGPT checkpoint")
     if not isinstance(ckpt, Mapping):
-        raise ValueError(f"{source}: expected a nanoGPT checkpoint dict or state dict, got {type(ckpt).__name__}")
+        raise UserValueError(f"{source}: expected a nanoGPT checkpoint dict or state dict, got {type(ckpt).__name__}")
     sd, model_args = (ckpt["model"], ckpt.get("model_args")) if "model" in ckpt else (ckpt, None)
     stored = {k: v for k, v in (ckpt.get("config") or {}).items() if k == "valid_vocab_size"}  # see to_nanogpt
     config = convert.make_config(NANOGPT, model_args, sd, source, n_head, {**stored, **overrides})
@@ -84,7 +85,7 @@ def to_nanogpt(model: GPT, path: str) -> str:
     'config' (nanoGPT keeps its training settings there) records valid_vocab_size for from_nanogpt."""
     c = model.config
     if c.layer_norm_epsilon != 1e-5:
-        raise ValueError(f"nanoGPT fixes layer_norm_epsilon at 1e-5; this model uses {c.layer_norm_epsilon}")
+        raise UserValueError(f"nanoGPT fixes layer_norm_epsilon at 1e-5; this model uses {c.layer_norm_epsilon}")
     torch.save({"model": convert.state_dict(model, NANOGPT), "model_args": convert.export_config(c, NANOGPT),
                 "iter_num": 0, "best_val_loss": float("inf"), "config": {"valid_vocab_size": c.valid_vocab_size}},
                path)

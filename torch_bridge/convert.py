@@ -16,6 +16,7 @@ import torch
 from flax import nnx
 from flax.traverse_util import flatten_dict, unflatten_dict
 
+from jaxgpt.errors import UserValueError
 from jaxgpt.model import GPT, PRESETS, GPTConfig, abstract
 from torch_bridge import mapping as m
 
@@ -59,9 +60,9 @@ def make_config(fmt: m.Format, their_config: dict | None, state_dict, source: st
         fields, n_vocab = infer_fields(state_dict, n_head)
     else:
         if missing := [k for k in [*fmt.config_fields.values(), "vocab_size"] if k not in their_config]:
-            raise ValueError(f"{source}: its model config lacks {missing}")
+            raise UserValueError(f"{source}: its model config lacks {missing}")
         if wrong := {k: their_config[k] for k, ok in fmt.requires.items() if their_config.get(k, ok[0]) not in ok}:
-            raise ValueError(f"{source}: a GPT-2 variant jaxgpt does not implement: {wrong}")
+            raise UserValueError(f"{source}: a GPT-2 variant jaxgpt does not implement: {wrong}")
         fields = {ours: their_config[theirs] for ours, theirs in fmt.config_fields.items()}
         n_vocab = their_config["vocab_size"]
 
@@ -78,12 +79,12 @@ def infer_fields(state_dict, n_head: int | None) -> tuple[dict, int]:
     """Model shape of a bare state dict: (GPTConfig fields, embedding rows). n_head defaults from the presets."""
     sd = canonical_keys(state_dict)
     if EMBEDDING_KEY not in sd or POSITION_KEY not in sd:
-        raise ValueError(f"cannot infer the model shape: the state dict lacks {EMBEDDING_KEY} or {POSITION_KEY}")
+        raise UserValueError(f"cannot infer the model shape: the state dict lacks {EMBEDDING_KEY} or {POSITION_KEY}")
     (n_vocab, n_embd), block_size = sd[EMBEDDING_KEY].shape, sd[POSITION_KEY].shape[0]
     layers = {int(match[1]) for key in sd if (match := re.match(rf"{m.MODULE_PREFIX}h\.(\d+)\.", key))}
     n_head = n_head or next((p["n_head"] for p in PRESETS.values() if p["n_embd"] == n_embd), None)
     if n_head is None:
-        raise ValueError(f"n_embd={n_embd} matches no GPT-2 preset, so n_head cannot be inferred: pass n_head")
+        raise UserValueError(f"n_embd={n_embd} matches no GPT-2 preset, so n_head cannot be inferred: pass n_head")
     return dict(n_layer=max(layers, default=-1) + 1, n_head=n_head, n_embd=n_embd, block_size=block_size,
                 bias=f"{m.MODULE_PREFIX}ln_f.bias" in sd), n_vocab
 
@@ -93,8 +94,8 @@ def load_pickle(path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise ValueError(f"{path}: refusing to load this pickle: it carries code or objects other than tensors "
-                         f"and plain containers, and torch_bridge never executes code from a checkpoint") from e
+        raise UserValueError(f"{path}: refusing to load this pickle: it carries code or objects other than tensors "
+                             f"and plain containers, and torch_bridge never executes code from a checkpoint") from e
 
 
 def load(state_dict, config: GPTConfig, fmt: m.Format, source: str) -> GPT:
@@ -124,7 +125,7 @@ def load(state_dict, config: GPTConfig, fmt: m.Format, source: str) -> GPT:
     if problems or misshaped:
         arch = f"n_layer={config.n_layer}, n_embd={config.n_embd}, bias={config.bias}"
         problems += [f"wrong shapes: {misshaped}"] * bool(misshaped)
-        raise ValueError(f"{source} does not match a {fmt.name} GPT-2 with {arch}:\n  " + "\n  ".join(problems))
+        raise UserValueError(f"{source} does not match a {fmt.name} GPT-2 with {arch}:\n  " + "\n  ".join(problems))
     tree = unflatten_dict(params)
     if config.scan_layers:  # per-layer trees -> one tree with a leading (n_layer,) axis
         tree["h"] = jax.tree.map(lambda *layers: np.stack(layers), *(tree["h"][i] for i in range(config.n_layer)))
