@@ -116,7 +116,7 @@ class MetricWriter:
         path, logdir = os.path.join(workdir, "metrics.jsonl"), os.path.join(workdir, "tensorboard")
         if os.path.exists(path):
             with open(path) as f:
-                rows = [line for line in f if line.strip() and json.loads(line)["step"] <= start]
+                rows = [line for line in f if _step_of(line) <= start]
             _replace(path, "".join(rows).encode())
         for events in glob.glob(os.path.join(logdir, "events.out.tfevents.*")):
             _drop_events_after(events, start)
@@ -157,6 +157,14 @@ def _wandb_run(workdir: str, config):
                       resume="allow")
 
 
+def _step_of(line: str) -> float:
+    """A metrics.jsonl row's step; infinite for a line a killed run left unfinished."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
+
+
 def _replace(path: str, content: bytes):
     with open(path + ".tmp", "wb") as f:
         f.write(content)
@@ -195,6 +203,8 @@ def _drop_events_after(path: str, step: int):
     kept, pos = [], 0
     while pos + 12 <= len(blob):  # a record: length (8 bytes), its CRC (4), the Event, its CRC (4)
         (n,) = struct.unpack_from("<Q", blob, pos)
+        if pos + 16 + n > len(blob):  # cut short by a killed run
+            break
         if _event_step(blob[pos + 12:pos + 12 + n]) <= step:
             kept.append(blob[pos:pos + 16 + n])
         pos += 16 + n
