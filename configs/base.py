@@ -19,6 +19,7 @@ def get_config() -> ConfigDict:
     c.model.vocab_size = 0  # embedding rows; 0: the tokenizer's vocabulary padded up to a multiple of 64
     c.model.dropout = 0.0  # dropout on embeddings and residual branches (0 for pretraining, 0.1+ for finetuning)
     c.model.bias = True  # biases in Linear and LayerNorm layers (GPT-2: True)
+    c.model.activation = "gelu_tanh"  # the MLP's GELU: gelu_tanh (GPT-2's) | gelu (exact erf, nanoGPT's)
     c.model.dtype = "float32"  # compute dtype: float32 or bfloat16 (parameters stay float32)
     c.model.scan_layers = False  # compile one block and lax.scan over the layers (faster compiles for big models)
     c.model.remat = "none"  # activation checkpointing per block: none | full | dots

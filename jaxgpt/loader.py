@@ -26,7 +26,7 @@ def model_config(config: ConfigDict, vocab_size: int) -> model.GPTConfig:
     if rows < vocab_size:
         raise UserValueError(f"model.vocab_size={rows} is smaller than the tokenizer's vocabulary ({vocab_size})")
     return model.GPTConfig(vocab_size=rows, valid_vocab_size=vocab_size, block_size=m.block_size, bias=m.bias,
-                           **shape, **compute_overrides(m))
+                           activation=m.activation, **shape, **compute_overrides(m))
 
 
 def compute_overrides(model_section: ConfigDict) -> dict:

@@ -16,7 +16,7 @@ from flax import nnx
 
 from jaxgpt import sharding
 from jaxgpt.errors import UserValueError
-from jaxgpt.ops import ATTENTION, KERNELS, Ops
+from jaxgpt.ops import ACTIVATIONS, ATTENTION, KERNELS, Ops
 
 PRESETS = {  # name -> (n_layer, n_head, n_embd), the four released GPT-2 sizes
     "gpt2": dict(n_layer=12, n_head=12, n_embd=768),
@@ -43,6 +43,7 @@ class GPTConfig:
     n_embd: int = 768
     dropout: float = 0.0  # on embeddings and both residual branches, in training only
     bias: bool = True  # biases in Linear and LayerNorm layers (GPT-2: True; nanoGPT allows False)
+    activation: str = "gelu_tanh"  # the MLP's GELU: gelu_tanh (GPT-2, HF gelu_new) | gelu (exact erf, nanoGPT)
     dtype: str = "float32"  # compute dtype (float32 or bfloat16)
     param_dtype: str = "float32"  # master weights
     layer_norm_epsilon: float = 1e-5
@@ -57,7 +58,8 @@ class GPTConfig:
             raise UserValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
         if self.valid_vocab_size is not None and self.valid_vocab_size < 1:
             raise UserValueError(f"valid_vocab_size={self.valid_vocab_size} must be positive")
-        for name, allowed in (("remat", REMAT_POLICIES), ("attention", ATTENTION), ("kernels", KERNELS)):
+        for name, allowed in (("remat", REMAT_POLICIES), ("attention", ATTENTION), ("kernels", KERNELS),
+                              ("activation", ACTIVATIONS)):
             if getattr(self, name) not in allowed:
                 raise UserValueError(f"{name}={getattr(self, name)!r}: expected one of {list(allowed)}")
 

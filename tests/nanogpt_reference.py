@@ -2,9 +2,8 @@
 
 nanoGPT's code is not vendored; this mirrors its layout (transformer.wte/wpe/h.{i}.ln_1/attn.c_attn/attn.c_proj/
 ln_2/mlp.c_fc/mlp.c_proj/ln_f, nn.Linear layers, LayerNorm with optional bias, lm_head tied to wte) and its
-`GPT(GPTConfig(**model_args))` constructor, so a strict load_state_dict here is a strict load in nanoGPT.
-One deliberate difference: nanoGPT's MLP uses nn.GELU() (exact erf); GPT-2 and jaxgpt use the tanh approximation,
-so this reference uses GELU(approximate="tanh") to make logits comparable.
+`GPT(GPTConfig(**model_args))` constructor, so a strict load_state_dict here is a strict load in nanoGPT. Its MLP
+computes GELU as nanoGPT does, nn.GELU(): the exact (erf) form, where GPT-2 and HF use the tanh approximation.
 """
 from __future__ import annotations
 
@@ -57,7 +56,7 @@ class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.gelu = nn.GELU(approximate="tanh")  # nanoGPT: nn.GELU() (erf); see the module docstring
+        self.gelu = nn.GELU()
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
 
     def forward(self, x):

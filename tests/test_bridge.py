@@ -70,7 +70,7 @@ def test_hf_to_jaxgpt_to_hf_is_bit_identical(make_hf_gpt2, scan_layers):
 @pytest.mark.parametrize("scan_layers", [False, True])
 @pytest.mark.parametrize("bias", [True, False])
 def test_jaxgpt_to_nanogpt_to_jaxgpt_is_bit_identical(tmp_path, scan_layers, bias):
-    model = random_model(bias=bias, scan_layers=scan_layers)
+    model = random_model(bias=bias, scan_layers=scan_layers, activation="gelu")
     back = torch_bridge.from_nanogpt(torch_bridge.to_nanogpt(model, tmp_path / "ckpt.pt"), scan_layers=scan_layers)
     assert back.config == model.config
     assert_same_params(back, model)
@@ -114,7 +114,7 @@ def test_bare_state_dict_infers_the_shape_and_needs_n_head_off_preset(make_hf_gp
 
 @pytest.mark.parametrize("bias", [True, False])
 def test_to_nanogpt_loads_strictly_into_nanogpt_and_logits_match(tmp_path, bias):
-    model = random_model(bias=bias)
+    model = random_model(bias=bias, activation="gelu")
     ckpt = torch.load(torch_bridge.to_nanogpt(model, tmp_path / "ckpt.pt"), weights_only=True)
     assert ckpt["model_args"] == dict(n_layer=2, n_head=4, n_embd=64, block_size=64, bias=bias, vocab_size=128,
                                       dropout=0.0)
@@ -137,6 +137,39 @@ def test_from_nanogpt_imports_nanogpt_checkpoints(tmp_path, bias, compiled):
     model = torch_bridge.from_nanogpt(tmp_path / "ckpt.pt")
     assert (model.config.bias, model.config.vocab_size, model.config.n_valid_vocab) == (bias, 96, 96)
     assert np.abs(logits(model) - torch_logits(reference)).max() <= 1e-4
+
+
+def test_nanogpt_checkpoint_with_large_weights_imports_the_exact_gelu(tmp_path):
+    """c_fc weights x8 put the MLP's pre-activations where the two GELUs part (|x| of 1-3), the embedding x10
+    makes the logits ~12 so that shows: the import computes nanoGPT's exact GELU, within 1e-5 of its forward
+    (measured 3.8e-6), where the tanh form is visibly off (measured 7.6e-4)."""
+    torch.manual_seed(0)
+    reference = NanoGPT(NanoGPTConfig(block_size=64, vocab_size=96, n_layer=2, n_head=4, n_embd=64)).eval()
+    with torch.no_grad():
+        for name, p in reference.named_parameters():
+            p.mul_(8.0 if name.endswith("c_fc.weight") else 10.0 if name.endswith("wte.weight") else 1.0)
+    torch.save({"model": reference.state_dict(), "model_args": dataclasses.asdict(reference.config)},
+               tmp_path / "ckpt.pt")
+    model = torch_bridge.from_nanogpt(tmp_path / "ckpt.pt")
+    tanh = torch_bridge.from_nanogpt(tmp_path / "ckpt.pt", activation="gelu_tanh")
+    theirs = torch_logits(reference)
+    exact_diff, tanh_diff = (np.abs(logits(m) - theirs).max() for m in (model, tanh))
+    print(f"\n[nanoGPT, large weights] max |logits - nanoGPT| exact GELU {exact_diff:.3g}, tanh GELU {tanh_diff:.3g}")
+    assert model.config.activation == "gelu" and exact_diff <= 1e-5 and tanh_diff > 3e-4
+
+
+def test_activation_round_trips_through_hf_and_warns_for_nanogpt(tmp_path, make_hf_gpt2):
+    exact_hf = make_hf_gpt2(activation_function="gelu")
+    model = torch_bridge.from_hf(exact_hf)
+    assert model.config.activation == "gelu" and torch_bridge.from_hf(make_hf_gpt2()).config.activation == "gelu_tanh"
+    assert np.abs(logits(model)[..., :100] - torch_logits(exact_hf)).max() <= 1e-4
+    back = torch_bridge.to_hf(model)
+    assert back.config.activation_function == "gelu"
+    assert all(torch.equal(a, b) for a, b in zip(exact_hf.state_dict().values(), back.state_dict().values()))
+    with pytest.raises(ValueError, match="activation_function='relu'"):
+        torch_bridge.from_hf(make_hf_gpt2(activation_function="relu"))
+    with pytest.warns(UserWarning, match="nanoGPT computes the exact GELU"):
+        torch_bridge.to_nanogpt(random_model(), tmp_path / "ckpt.pt")
 
 
 def test_nanogpt_vocab_50304_is_gpt2_padded():
@@ -228,5 +261,5 @@ def test_cli_round_trip_hf_dir_to_jaxgpt_to_nanogpt(tmp_path, make_hf_gpt2):
     cli("import", "--from", f"hf:{tmp_path / 'hf'}", "--out", tmp_path / "jaxgpt")
     cli("export", "--ckpt", tmp_path / "jaxgpt", "--to", f"nanogpt:{tmp_path / 'ckpt.pt'}")
     back, direct = torch_bridge.from_nanogpt(tmp_path / "ckpt.pt"), torch_bridge.from_hf(hf)
-    assert back.config == direct.config
+    assert back.config == dataclasses.replace(direct.config, activation="gelu")  # nanoGPT's GELU is exact
     assert_same_params(back, direct)

@@ -23,6 +23,8 @@ OPS = {  # name -> (op(ops, *inputs), float32 inputs)
     "dense": (lambda o, x, w, b: o.dense(x, w, b), lambda: (rand((B, T, C), 1), rand((C, 3 * C), 2, 0.1),
                                                             rand((3 * C,), 3, 0.1))),
     "gelu": (lambda o, x: o.gelu(x.astype(o.dtype)), lambda: (rand((B, T, 4 * C), 4, 2.0),)),
+    "gelu_exact": (lambda o, x: dataclasses.replace(o, activation="gelu").gelu(x.astype(o.dtype)),
+                   lambda: (rand((B, T, 4 * C), 4, 2.0),)),
     "attention": (lambda o, qkv: o.causal_attention(qkv.astype(o.dtype)), lambda: (rand((B, T, 3, H, D), 5),)),
     "tied_logits": (lambda o, x, e: o.tied_logits(x.astype(o.dtype), e), lambda: (rand((B, T, C), 6),
                                                                                  rand((V, C), 7, 0.1))),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Mapping
 
 import torch
@@ -84,6 +85,9 @@ def to_nanogpt(model: GPT, path: str) -> str:
     """Writes a nanoGPT ckpt.pt (all vocab rows kept) that nanoGPT's GPT(GPTConfig(**model_args)) loads.
     'config' (nanoGPT keeps its training settings there) records valid_vocab_size for from_nanogpt."""
     c = model.config
+    if c.activation not in NANOGPT.activations.values():
+        warnings.warn(f"nanoGPT computes the exact GELU; this model uses {c.activation}, so nanoGPT's logits will "
+                      "differ from jaxgpt's", stacklevel=2)
     if c.layer_norm_epsilon != 1e-5:
         raise UserValueError(f"nanoGPT fixes layer_norm_epsilon at 1e-5; this model uses {c.layer_norm_epsilon}")
     torch.save({"model": convert.state_dict(model, NANOGPT), "model_args": convert.export_config(c, NANOGPT),

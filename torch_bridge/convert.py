@@ -41,8 +41,21 @@ def vocab_rows(config: GPTConfig, fmt: m.Format) -> int:
 
 def export_config(config: GPTConfig, fmt: m.Format) -> dict:
     """The format's config entries for a jaxgpt config (the inverse of make_config)."""
-    return {**{theirs: getattr(config, ours) for ours, theirs in fmt.config_fields.items()},
-            "vocab_size": vocab_rows(config, fmt)}
+    out = {**{theirs: getattr(config, ours) for ours, theirs in fmt.config_fields.items()},
+           "vocab_size": vocab_rows(config, fmt)}
+    if fmt.activation_field:
+        out[fmt.activation_field] = next(k for k, v in fmt.activations.items() if v == config.activation)
+    return out
+
+
+def activation(fmt: m.Format, their_config: dict | None, source: str) -> str:
+    """GPTConfig.activation for a checkpoint: its config's entry, else (no config, or none in the format) the
+    format's own."""
+    name = (their_config or {}).get(fmt.activation_field, next(iter(fmt.activations)))
+    if name not in fmt.activations:
+        raise UserValueError(f"{source}: {fmt.activation_field}={name!r} is an activation jaxgpt does not "
+                             f"implement (expected one of {list(fmt.activations)})")
+    return fmt.activations[name]
 
 
 def canonical_keys(state_dict) -> dict:
@@ -72,7 +85,7 @@ def make_config(fmt: m.Format, their_config: dict | None, state_dict, source: st
         vocab = dict(vocab_size=n_vocab, valid_vocab_size=m.GPT2_VOCAB if n_vocab == padded(m.GPT2_VOCAB) else None)
     else:  # padded for fast matmuls; the extra rows get -inf logits
         vocab = dict(vocab_size=padded(n_vocab), valid_vocab_size=n_vocab)
-    return GPTConfig(**{**fields, **vocab, **overrides})
+    return GPTConfig(**{**fields, **vocab, "activation": activation(fmt, their_config, source), **overrides})
 
 
 def infer_fields(state_dict, n_head: int | None) -> tuple[dict, int]:

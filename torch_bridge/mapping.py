@@ -41,14 +41,18 @@ class Format:
     buffers: tuple[str, ...]  # non-parameter entries some checkpoints carry (causal masks); dropped on import
     config_fields: dict  # GPTConfig field -> the format's config name (vocab_size is handled separately)
     requires: dict  # format config entries jaxgpt's model fixes -> accepted values (checked on import)
+    activation_field: str | None  # the config entry naming the MLP's GELU; None: the format fixes it
+    activations: dict  # its values -> GPTConfig.activation; the first for each of ours is the one exported
 
 
 HF = Format("hf", transpose_linear=False, keeps_padded_vocab=False,
             buffers=("transformer.h.{i}.attn.bias", "transformer.h.{i}.attn.masked_bias"),
             config_fields=dict(block_size="n_positions", n_embd="n_embd", n_layer="n_layer", n_head="n_head",
                                layer_norm_epsilon="layer_norm_epsilon", dropout="resid_pdrop"),
-            requires=dict(activation_function=("gelu_new", "gelu_pytorch_tanh"), scale_attn_weights=(True,),
-                          scale_attn_by_inverse_layer_idx=(False,)))
+            requires=dict(scale_attn_weights=(True,), scale_attn_by_inverse_layer_idx=(False,)),
+            activation_field="activation_function",
+            activations={"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"})
 NANOGPT = Format("nanogpt", transpose_linear=True, keeps_padded_vocab=True, buffers=("transformer.h.{i}.attn.bias",),
                  config_fields={k: k for k in ("n_layer", "n_head", "n_embd", "block_size", "bias", "dropout")},
-                 requires={})  # nanoGPT's model_args; its LayerNorm epsilon is fixed at 1e-5
+                 requires={}, activation_field=None,  # nanoGPT's model_args; LayerNorm epsilon fixed at 1e-5
+                 activations={"gelu": "gelu"})  # nanoGPT's MLP: nn.GELU(), the exact form

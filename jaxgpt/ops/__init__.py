@@ -15,6 +15,7 @@ from jaxgpt.ops import reference, xla_cpu
 
 KERNELS = {"fast": xla_cpu, "reference": reference}
 ATTENTION = ("auto", "blocked", "xla", "cudnn")
+ACTIVATIONS = ("gelu_tanh", "gelu")  # GPT-2's (HF "gelu_new") and the exact erf form (nanoGPT's nn.GELU())
 
 
 def resolve_attention(name: str, dtype: str, masked: bool = False) -> str:
@@ -34,18 +35,19 @@ class Ops:
     kernels: str = "fast"
     attention: str = "auto"
     dtype: str = "float32"
+    activation: str = "gelu_tanh"
 
     @classmethod
     def of(cls, config) -> Ops:
-        return cls(config.kernels, config.attention, config.dtype)
+        return cls(config.kernels, config.attention, config.dtype, config.activation)
 
     def dense(self, x, kernel, bias=None):
         """x (..., K) @ kernel (K, M) + bias -> (..., M) in the compute dtype, accumulated in float32."""
         return KERNELS[self.kernels].dense(x, kernel, bias, self.dtype)
 
     def gelu(self, x):
-        """GPT-2's tanh GELU, in x's dtype."""
-        return KERNELS[self.kernels].gelu(x)
+        """GELU in its tanh (GPT-2) or exact (erf) form, in x's dtype."""
+        return KERNELS[self.kernels].gelu(x, approximate=self.activation == "gelu_tanh")
 
     def tied_logits(self, x, embedding):
         """x (B, T, C) @ embedding (V, C)^T -> float32 logits (B, T, V)."""

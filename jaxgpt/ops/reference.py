@@ -13,8 +13,8 @@ def dense(x, kernel, bias, dtype):
     return y.astype(dtype)
 
 
-def gelu(x):
-    return jax.nn.gelu(x, approximate=True)
+def gelu(x, approximate: bool):
+    return jax.nn.gelu(x, approximate=approximate)
 
 
 def tied_logits(x, embedding):

@@ -26,9 +26,9 @@ def dense(x, kernel, bias, dtype):
     return y.reshape(*x.shape[:-1], y.shape[-1]).astype(dtype)
 
 
-def gelu(x):
+def gelu(x, approximate: bool):
     # In float32 whatever the compute dtype: in bfloat16 XLA-CPU would round after every op of the formula.
-    return jax.nn.gelu(x.astype(jnp.float32), approximate=True).astype(x.dtype)
+    return jax.nn.gelu(x.astype(jnp.float32), approximate=approximate).astype(x.dtype)
 
 
 def tied_logits(x, embedding):
