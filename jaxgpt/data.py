@@ -91,25 +91,24 @@ def _split_patterns(split: str) -> tuple[str, ...]:
     return f"{split}.bin", f"{split}_*.bin", f"*_{split}.bin", f"*_{split}_*.bin"
 
 
-def find_shards(data_dir: str, split: str) -> list[str]:
+def split_files(data_dir: str, split: str) -> list[str]:
     """The sorted shard files of a split ("train" or "val"): SPLIT.bin, SPLIT_*.bin, *_SPLIT.bin, *_SPLIT_*.bin."""
-    patterns = _split_patterns(split)
-    files = sorted({f for p in patterns for f in glob.glob(os.path.join(glob.escape(data_dir), p))})
-    if not files:
+    return sorted({f for p in _split_patterns(split) for f in glob.glob(os.path.join(glob.escape(data_dir), p))})
+
+
+def find_shards(data_dir: str, split: str) -> list[str]:
+    """split_files, which must be there."""
+    if not (files := split_files(data_dir, split)):
         raise UserFileNotFoundError(
-            f"no {split!r} shards in {data_dir!r} (looked for {', '.join(patterns)}); create them with "
+            f"no {split!r} shards in {data_dir!r} (looked for {', '.join(_split_patterns(split))}); create them with "
             f"`python -m jaxgpt.prepare --dataset=tinyshakespeare --tokenizer=char --out={data_dir}` "
             f"(or --input=FILE, --dataset=stdlib_docs, --dataset=fineweb_edu --tokenizer=gpt2)")
     return files
 
 
-def has_split(data_dir: str, split: str) -> bool:
-    return any(glob.glob(os.path.join(glob.escape(data_dir), p)) for p in _split_patterns(split))
-
-
 def has_shards(data_dir: str) -> bool:
     """Whether data_dir holds both a train and a val split."""
-    return has_split(data_dir, "train") and has_split(data_dir, "val")
+    return bool(split_files(data_dir, "train") and split_files(data_dir, "val"))
 
 
 class TokenWindows:

@@ -22,7 +22,7 @@ from absl import logging
 from tqdm import tqdm
 
 from jaxgpt import data
-from jaxgpt.data import find_shards, write_shard
+from jaxgpt.data import write_shard
 from jaxgpt.errors import UserFileExistsError, UserFileNotFoundError, UserRuntimeError, UserValueError
 from jaxgpt.tokenizer import TOKENIZER_FILE, CharTokenizer, Tokenizer, get_tokenizer
 
@@ -114,7 +114,7 @@ def _staging(out_dir: str, overwrite: bool):
     """A fresh directory beside out_dir to prepare into, which becomes out_dir only when complete: a new out_dir is
     the staging directory renamed; an existing one (empty, or --overwrite) loses its old shards and receives the
     new files, tokenizer.json last. An interrupted preparation leaves out_dir as it was, or without tokenizer.json."""
-    existing = _shards(out_dir) if os.path.isdir(out_dir) else []
+    existing = [f for split in ("train", "val") for f in data.split_files(out_dir, split)]
     if existing and not overwrite:
         raise UserFileExistsError(f"{out_dir} already holds shards ({os.path.basename(existing[0])}, ...): "
                                   "choose another --out or pass --overwrite")
@@ -133,10 +133,6 @@ def _staging(out_dir: str, overwrite: bool):
             os.replace(os.path.join(staging, name), os.path.join(out_dir, name))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-
-
-def _shards(directory: str) -> list[str]:
-    return [f for split in ("train", "val") if data.has_split(directory, split) for f in find_shards(directory, split)]
 
 
 def _documents(dataset: str, input: str | None) -> list[str]:
