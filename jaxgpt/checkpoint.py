@@ -17,13 +17,15 @@ from flax import nnx
 
 from jaxgpt.errors import UserFileNotFoundError, UserValueError
 from jaxgpt.model import GPT, GPTConfig, abstract
+from jaxgpt.tokenizer import Tokenizer
 
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
 
 
-def save_model(model: GPT, directory: str) -> str:
-    """Writes DIR/config.json and DIR/params (orbax). Returns the absolute directory."""
+def save_model(model: GPT, directory: str, tokenizer: Tokenizer | None = None) -> str:
+    """Writes DIR/config.json, DIR/params (orbax) and the tokenizer's DIR/tokenizer.json when given. Returns the
+    absolute directory."""
     directory = os.path.abspath(directory)
     os.makedirs(directory, exist_ok=True)
     with open(os.path.join(directory, CONFIG_FILE), "w") as f:
@@ -31,6 +33,8 @@ def save_model(model: GPT, directory: str) -> str:
     params = nnx.state(model, nnx.Param).to_pure_dict()
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(os.path.join(directory, PARAMS_DIR), params, force=True)
+    if tokenizer is not None:
+        tokenizer.save(directory)
     return directory
 
 

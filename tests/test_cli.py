@@ -81,7 +81,7 @@ CASES = {  # name -> (module and arguments, with {placeholders} from `files`; wo
     "sample negative temperature": (["jaxgpt.sample", "--ckpt={run}", "--tokenizer={data}", "--temperature=-1"],
                                     "temperature=-1.0 must be >= 0"),
     "sample top_p": (["jaxgpt.sample", "--ckpt={run}", "--tokenizer={data}", "--top_p=1.5"], "top_p=1.5"),
-    "sample wrong tokenizer": (["jaxgpt.sample", "--ckpt={run}"], "pass the --tokenizer the model was trained with"),
+    "sample wrong tokenizer": (["jaxgpt.sample", "--ckpt={run}", "--tokenizer=gpt2"], "pass the --tokenizer the model was trained with"),
     "sample unknown character": (["jaxgpt.sample", "--ckpt={run}", "--tokenizer={data}", "--prompt=\u2603"],
                                  "is not in this char tokenizer's vocabulary"),
     "evaluate missing data": (["jaxgpt.evaluate", "--ckpt={run}", "--data={root}/nowhere"], "neither a directory"),

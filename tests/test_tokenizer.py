@@ -54,7 +54,7 @@ def test_gpt2_exact_ids_and_special_token():
 def test_gpt2_matches_hugging_face_and_round_trips():
     from transformers import GPT2Tokenizer
 
-    files = tokenizer_lib._bundled_gpt2_files()
+    files = tokenizer_lib.bundled_gpt2_files()
     with open(files["encoder.json"]) as f:
         vocab = json.load(f)
     with open(files["vocab.bpe"], encoding="utf-8") as f:
@@ -79,7 +79,7 @@ def test_gpt2_uses_tiktoken_cache_when_present_without_writing_one(tmp_path, mon
     cache = tmp_path / "cache"  # what tiktoken leaves after downloading gpt2: files named sha1(url)
     cache.mkdir()
     for name, (url, _) in tokenizer_lib._GPT2_FILES.items():
-        with open(tokenizer_lib._bundled_gpt2_files()[name], "rb") as f:
+        with open(tokenizer_lib.bundled_gpt2_files()[name], "rb") as f:
             (cache / hashlib.sha1(url.encode()).hexdigest()).write_bytes(f.read())
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(cache))
     tokenizer_lib._gpt2_encoding.cache_clear()
@@ -129,8 +129,78 @@ def test_load_tokenizer_round_trip(tmp_path):
 
 
 def test_load_tokenizer_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"tokenizer\.json is missing.*jaxgpt\.prepare"):
+    with pytest.raises(FileNotFoundError, match=r"holds no tokenizer.*jaxgpt\.prepare"):
         load_tokenizer(str(tmp_path))
     (tmp_path / "tokenizer.json").write_text('{"kind": "sentencepiece"}')
     with pytest.raises(ValueError, match="tokenizer.json: expected"):
         load_tokenizer(str(tmp_path))
+    (tmp_path / "tokenizer.json").write_text('{"kind": ')
+    with pytest.raises(ValueError, match="tokenizer.json: not valid JSON"):
+        load_tokenizer(str(tmp_path))
+
+
+def nanogpt_char_dir(directory, text: str):
+    """A data dir as nanoGPT's data/shakespeare_char/prepare.py writes it: train.bin, val.bin, meta.pkl."""
+    import pickle
+
+    import numpy as np
+    chars = sorted(set(text))
+    stoi, itos = {ch: i for i, ch in enumerate(chars)}, dict(enumerate(chars))
+    n = int(len(text) * 0.9)
+    os.makedirs(directory, exist_ok=True)
+    np.array([stoi[c] for c in text[:n]], dtype=np.uint16).tofile(os.path.join(directory, "train.bin"))
+    np.array([stoi[c] for c in text[n:]], dtype=np.uint16).tofile(os.path.join(directory, "val.bin"))
+    with open(os.path.join(directory, "meta.pkl"), "wb") as f:
+        pickle.dump({"vocab_size": len(chars), "itos": itos, "stoi": stoi}, f)
+    return str(directory)
+
+
+def test_nanogpt_meta_pkl_is_the_char_vocabulary(tmp_path):
+    text = shakespeare_like()
+    tok = load_tokenizer(nanogpt_char_dir(tmp_path, text))
+    assert isinstance(tok, CharTokenizer) and tok.chars == list(SHAKESPEARE_CHARS) and tok.vocab_size == 65
+    assert tok.encode("Hi!\n") == [SHAKESPEARE_CHARS.index(c) for c in "Hi!\n"]
+
+
+class RunsCode:
+    """Unpickling this runs a shell command: what a malicious meta.pkl does."""
+
+    def __init__(self, command: str):
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+@pytest.mark.parametrize("content, message", [
+    (lambda marker: {"vocab_size": 1, "itos": {0: RunsCode(f"touch {marker}")}},
+     r"meta.pkl: refused: it refers to posix.system, and a meta.pkl may hold only dicts, lists, strings and ints"),
+    (lambda marker: {"vocab_size": 2, "itos": {0: "a", 1: 2.5}}, "expected nanoGPT's meta.pkl, a dict of plain data"),
+    (lambda marker: {"vocab_size": 3, "itos": {0: "a", 1: "b"}}, r"'itos' must map every id 0..2"),
+    (lambda marker: {"itos": {0: "a", 1: "ab"}}, "a char vocabulary must be distinct single characters"),
+])
+def test_meta_pkl_that_is_not_plain_data_is_refused(tmp_path, content, message):
+    import pickle
+    marker = tmp_path / "code_ran"
+    (tmp_path / "meta.pkl").write_bytes(pickle.dumps(content(marker)))
+    with pytest.raises(ValueError, match=message):
+        load_tokenizer(str(tmp_path))
+    assert not marker.exists()
+
+
+def test_truncated_meta_pkl_is_a_clear_error(tmp_path):
+    import pickle
+    (tmp_path / "meta.pkl").write_bytes(pickle.dumps({"itos": {0: "a"}})[:-3])
+    with pytest.raises(ValueError, match=r"meta.pkl: not a readable pickle \(UnpicklingError|EOFError"):
+        load_tokenizer(str(tmp_path))
+
+
+def test_shards_without_a_tokenizer_are_gpt2_bpe(tmp_path):
+    # nanoGPT's openwebtext (train.bin, val.bin) and llm.c's fineweb dirs have neither tokenizer.json nor meta.pkl
+    from jaxgpt import data
+    data.write_shard(str(tmp_path / "fineweb_train_000001.bin"), [15496, 995])  # llm.c's names
+    data.write_shard(str(tmp_path / "fineweb_val_000000.bin"), [15496, 995])
+    assert isinstance(load_tokenizer(str(tmp_path)), tokenizer_lib.GPT2Tokenizer)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="holds no tokenizer .* and no shards"):
+        load_tokenizer(str(tmp_path / "empty"))

@@ -404,3 +404,31 @@ def test_the_best_checkpoint_survives_a_resume(tmp_path):
         save(again, step, val_loss)
     assert completed_steps(tmp_path) == [6, 12, 14]
     assert checkpoint.select_step(again, "best") == 6
+
+
+def test_trains_on_a_nanogpt_char_dir_as_it_is(tmp_path, capsys):
+    from test_tokenizer import nanogpt_char_dir, shakespeare_like
+    text = shakespeare_like()
+    data_dir = nanogpt_char_dir(tmp_path / "shakespeare_char", text)
+    before = sorted(os.listdir(data_dir))
+    config = make_config(**{"data.dir": data_dir, "max_steps": 4, "eval_every": 4, "optim.warmup_steps": 1, "sample_tokens": 60,
+                            "sample_prompt": "ROMEO:"})
+    train.train(config, str(tmp_path / "w"))
+    out = capsys.readouterr().out
+    assert f"data: {data_dir}, char tokenizer of 65 tokens" in out
+    sample = out[out.index("ROMEO:"):]
+    assert len(sample) > 60 and set(sample) <= set(text)  # decoded with meta.pkl's characters
+    assert sorted(os.listdir(data_dir)) == before  # nothing written into the user's data
+    saved = json.loads((tmp_path / "w" / "tokenizer.json").read_text())
+    assert saved == {"kind": "char", "chars": sorted(set(text))}  # kept with the checkpoints for sample/export
+
+
+def test_trains_on_llmc_shards_as_gpt2_bpe(tmp_path, capsys):
+    from jaxgpt.tokenizer import get_tokenizer
+    tokens = get_tokenizer("gpt2").encode(corpus.text(20_000))
+    data.write_shard(str(tmp_path / "tiny_val_000000.bin"), tokens[:2000])  # llm.c's header and names
+    data.write_shard(str(tmp_path / "tiny_train_000001.bin"), tokens[2000:])
+    config = make_config(**{"data.dir": str(tmp_path), "max_steps": 2, "eval_every": 2, "optim.warmup_steps": 1,
+                            "sample_tokens": 0})
+    train.train(config, str(tmp_path / "w"))
+    assert f"data: {tmp_path}, gpt2 tokenizer of 50257 tokens" in capsys.readouterr().out

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import warnings
 from collections.abc import Mapping
 
@@ -16,6 +17,7 @@ import torch
 
 from jaxgpt.errors import UserFileNotFoundError, UserValueError
 from jaxgpt.model import GPT
+from jaxgpt.tokenizer import GPT2_VOCAB_SIZE, CharTokenizer, GPT2Tokenizer, Tokenizer, bundled_gpt2_files
 from torch_bridge import convert
 from torch_bridge.mapping import HF, NANOGPT
 
@@ -63,10 +65,50 @@ def to_hf(model: GPT):
     return hf.eval()
 
 
-def save_hf(model: GPT, out_dir: str) -> str:
-    """Writes config.json + model.safetensors that GPT2LMHeadModel.from_pretrained(out_dir) loads."""
+def save_hf(model: GPT, out_dir: str, tokenizer: Tokenizer | None = None) -> str:
+    """Writes what `transformers.pipeline("text-generation", model=out_dir)` loads offline: config.json and
+    model.safetensors, the tokenizer (None: GPT-2 BPE when the model's vocabulary is GPT-2's) and
+    generation_config.json."""
+    import transformers
+    c = model.config
+    if tokenizer is None and c.n_valid_vocab >= GPT2_VOCAB_SIZE:
+        tokenizer = GPT2Tokenizer()
+    if tokenizer is not None and tokenizer.vocab_size > c.n_valid_vocab:
+        raise UserValueError(f"the {tokenizer.name} tokenizer has {tokenizer.vocab_size} tokens but the model only "
+                             f"{c.n_valid_vocab}")
     to_hf(model).save_pretrained(out_dir)
+    if tokenizer is None:
+        warnings.warn(f"{out_dir}: no tokenizer written (the model's {c.n_valid_vocab} tokens are not GPT-2's): "
+                      "pass tokenizer=", stacklevel=2)
+        return out_dir
+    hf_tokenizer(tokenizer, c.block_size).save_pretrained(out_dir)
+    if isinstance(tokenizer, GPT2Tokenizer):  # the slow tokenizer's files too, for tools that read only those
+        files = bundled_gpt2_files()
+        shutil.copyfile(files["encoder.json"], os.path.join(out_dir, "vocab.json"))
+        shutil.copyfile(files["vocab.bpe"], os.path.join(out_dir, "merges.txt"))
+    eot = {} if tokenizer.eot is None else dict(bos_token_id=tokenizer.eot, eos_token_id=tokenizer.eot,
+                                                 pad_token_id=tokenizer.eot)
+    # jaxgpt.sample's defaults, so that a plain pipeline call samples as `python -m jaxgpt.sample` does
+    transformers.GenerationConfig(do_sample=True, temperature=0.8, top_k=200, max_new_tokens=200, **eot
+                                  ).save_pretrained(out_dir)
     return out_dir
+
+
+def hf_tokenizer(tokenizer: Tokenizer, max_length: int):
+    """The transformers tokenizer that encodes and decodes exactly as a jaxgpt one."""
+    import transformers
+    if isinstance(tokenizer, GPT2Tokenizer):
+        files = bundled_gpt2_files()
+        return transformers.GPT2Tokenizer(vocab=files["encoder.json"], merges=files["vocab.bpe"],
+                                          model_max_length=max_length)
+    if isinstance(tokenizer, CharTokenizer):
+        import tokenizers
+        # a BPE without merges splits its input into characters; Fuse joins them back without spaces
+        chars = tokenizers.Tokenizer(tokenizers.models.BPE({c: i for i, c in enumerate(tokenizer.chars)}, []))
+        chars.decoder = tokenizers.decoders.Fuse()
+        return transformers.PreTrainedTokenizerFast(tokenizer_object=chars, model_max_length=max_length,
+                                                    clean_up_tokenization_spaces=False)
+    raise UserValueError(f"no Hugging Face form for the {tokenizer.name} tokenizer")
 
 
 def from_nanogpt(src, *, n_head: int | None = None, **overrides) -> GPT:
@@ -96,4 +138,4 @@ def to_nanogpt(model: GPT, path: str) -> str:
     return path
 
 
-__all__ = ["from_hf", "to_hf", "save_hf", "from_nanogpt", "to_nanogpt"]
+__all__ = ["from_hf", "to_hf", "save_hf", "hf_tokenizer", "from_nanogpt", "to_nanogpt"]

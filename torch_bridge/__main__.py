@@ -1,6 +1,7 @@
 """python -m torch_bridge import --from hf:DIR|nanogpt:FILE --out MODEL_DIR
-   python -m torch_bridge export --ckpt MODEL_DIR --to hf:DIR|nanogpt:FILE
+   python -m torch_bridge export --ckpt MODEL_DIR --to hf:DIR|nanogpt:FILE [--tokenizer gpt2|DATA_DIR]
 
+An hf: export is complete (weights, tokenizer, generation config): transformers.pipeline loads it offline.
 MODEL_DIR is a jaxgpt model directory (jaxgpt.checkpoint.save_model) or a training workdir; export's --ckpt also
 takes any weights spec of jaxgpt.loader (hf:DIR, nanogpt:FILE).
 """
@@ -8,13 +9,12 @@ from __future__ import annotations
 
 import argparse
 
-from jaxgpt import cli, loader
+from jaxgpt import cli, loader, tokenizer
 from jaxgpt.checkpoint import save_model
-from jaxgpt.errors import UserError
+from jaxgpt.errors import UserError, UserValueError
 from torch_bridge import from_hf, from_nanogpt, save_hf, to_nanogpt
 
 IMPORTERS = {"hf": from_hf, "nanogpt": from_nanogpt}
-EXPORTERS = {"hf": save_hf, "nanogpt": to_nanogpt}
 
 
 def parse_spec(spec: str) -> tuple[str, str]:
@@ -22,6 +22,18 @@ def parse_spec(spec: str) -> tuple[str, str]:
     if fmt not in IMPORTERS or not path:
         raise argparse.ArgumentTypeError(f"{spec!r}: expected hf:DIR or nanogpt:FILE")
     return fmt, path
+
+
+def export_tokenizer(name: str | None, ckpt: str, model) -> tokenizer.Tokenizer:
+    """--tokenizer, else the one saved with the checkpoint, else GPT-2 BPE when the vocabulary is GPT-2's."""
+    if name:
+        return tokenizer.get_tokenizer("gpt2") if name == "gpt2" else tokenizer.load_tokenizer(name)
+    if (tok := tokenizer.stored_with(ckpt)) is not None:
+        return tok
+    if model.config.n_valid_vocab >= tokenizer.GPT2_VOCAB_SIZE:
+        return tokenizer.get_tokenizer("gpt2")
+    raise UserValueError(f"{ckpt} has no tokenizer saved with it and its {model.config.n_valid_vocab} tokens are "
+                         "not GPT-2's: pass --tokenizer=DATA_DIR (the data it was trained on)")
 
 
 class Parser(argparse.ArgumentParser):
@@ -40,14 +52,21 @@ def main(argv=None) -> None:
     exp.add_argument("--ckpt", required=True, metavar="MODEL_DIR")
     exp.add_argument("--step", default="latest", help="a training workdir's checkpoint: latest, best or N")
     exp.add_argument("--to", type=parse_spec, required=True, metavar="hf:DIR|nanogpt:FILE")
+    exp.add_argument("--tokenizer", help="hf: 'gpt2' or a data directory; default: the one saved with --ckpt, "
+                     "else GPT-2 BPE for a GPT-2-sized vocabulary")
     args = parser.parse_args(argv)
     try:
         if args.command == "import":
             fmt, path = args.source
-            written = save_model(IMPORTERS[fmt](path, n_head=args.n_head), args.out)
+            written = save_model(IMPORTERS[fmt](path, n_head=args.n_head), args.out,
+                                 tokenizer.stored_with(path) if fmt == "hf" else None)
         else:
             fmt, path = args.to
-            written = EXPORTERS[fmt](loader.load(args.ckpt, args.step), path)
+            model = loader.load(args.ckpt, args.step)
+            if fmt == "hf":
+                written = save_hf(model, path, export_tokenizer(args.tokenizer, args.ckpt, model))
+            else:
+                written = to_nanogpt(model, path)
     except (UserError, OSError) as e:
         cli.fail(e)
     print(f"wrote {written}")
