@@ -139,6 +139,18 @@ def test_from_nanogpt_imports_nanogpt_checkpoints(tmp_path, bias, compiled):
     assert np.abs(logits(model) - torch_logits(reference)).max() <= 1e-4
 
 
+def test_imported_weights_do_not_share_memory_with_the_torch_tensors():
+    torch.manual_seed(0)
+    reference = NanoGPT(NanoGPTConfig(block_size=16, vocab_size=64, n_layer=1, n_head=2, n_embd=32))
+    model = torch_bridge.from_nanogpt({"model": reference.state_dict(),
+                                       "model_args": dataclasses.asdict(reference.config)})
+    before = {k: v.copy() for k, v in params(model).items()}  # np.asarray of a CPU jax array is a view
+    with torch.no_grad():  # what a PyTorch training step does to its parameters
+        for p in reference.parameters():
+            p.add_(1.0)
+    assert all(np.array_equal(before[k], v) for k, v in params(model).items())
+
+
 def test_nanogpt_checkpoint_with_large_weights_imports_the_exact_gelu(tmp_path):
     """c_fc weights x8 put the MLP's pre-activations where the two GELUs part (|x| of 1-3), the embedding x10
     makes the logits ~12 so that shows: the import computes nanoGPT's exact GELU, within 1e-5 of its forward

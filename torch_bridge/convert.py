@@ -130,7 +130,7 @@ def load(state_dict, config: GPTConfig, fmt: m.Format, source: str) -> GPT:
         elif tuple((tensor := sd.pop(key)).shape) != want:
             misshaped.append(f"{key}: got {tuple(tensor.shape)}, expected {want}")
         else:
-            array = tensor.detach().cpu().to(torch.float32).numpy()
+            array = tensor.detach().cpu().to(torch.float32).numpy().copy()  # else jax on CPU may alias torch's memory
             if key == EMBEDDING_KEY:  # zero rows for the padded vocabulary: (vocab_size, n_embd)
                 array = np.pad(array, [(0, config.vocab_size - array.shape[0]), (0, 0)])
             params[path] = array.T if transpose else array
