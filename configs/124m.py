@@ -13,6 +13,7 @@ def get_config():
     c.grad_accum_steps = 8
     c.optim.lr = 6e-4
     c.optim.warmup_steps = 715
+    c.optim.warmup = "build_nanogpt"
     c.optim.weight_decay = 0.1
     c.max_steps = 19073
     c.eval_every = 250

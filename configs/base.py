@@ -39,7 +39,8 @@ def get_config() -> ConfigDict:
     c.optim = ConfigDict()
     c.optim.lr = 6e-4  # peak learning rate, reached after warmup_steps
     c.optim.min_lr_ratio = 0.1  # cosine decays to lr * min_lr_ratio
-    c.optim.warmup_steps = 100  # linear warmup from 0
+    c.optim.warmup_steps = 100  # steps of linear warmup to lr, in the form `warmup` picks
+    c.optim.warmup = "nanogpt"  # nanogpt: lr*(s+1)/(warmup_steps+1) at step s | build_nanogpt: lr*(s+1)/warmup_steps
     c.optim.decay_steps = 0  # steps of warmup + cosine decay; 0: max_steps
     c.optim.weight_decay = 0.1  # AdamW decay, applied to weights of 2+ dims only (as nanoGPT)
     c.optim.b1 = 0.9  # Adam beta1
