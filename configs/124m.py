@@ -1,4 +1,5 @@
-"""GPT-2 124M on FineWeb-Edu with build-nanogpt's recipe: 524,288 tokens per step (64 x 1024 x 8), 19,073 steps."""
+"""GPT-2 124M on FineWeb-Edu with build-nanogpt's recipe: 524,288 tokens per step, 19,073 steps. The same file runs
+on 1 device or 8: gradient accumulation makes up the tokens the devices' micro-batches do not cover."""
 from configs import base
 
 
@@ -9,8 +10,8 @@ def get_config():
     c.data.dir = "data/fineweb_edu"
     c.data.dataset = "fineweb_edu"
     c.data.tokenizer = "gpt2"
-    c.batch_size = 64
-    c.grad_accum_steps = 8
+    c.tokens_per_step = 524288  # 2**19
+    c.device_batch_size = 16  # x 1024 tokens: what fits an 80 GB GPU in bf16 (docs/scaling.md)
     c.optim.lr = 6e-4
     c.optim.warmup_steps = 715
     c.optim.warmup = "build_nanogpt"

@@ -25,6 +25,7 @@ def get_config() -> ConfigDict:
     c.model.remat = "none"  # activation checkpointing per block: none | full | dots
     c.model.attention = "auto"  # auto | blocked | xla | cudnn: the attention implementation (jaxgpt/ops)
     c.model.kernels = "fast"  # fast | reference: the kernel set (reference: plain jnp, for checking)
+    c.model.loss_chunk = 4096  # tokens per device whose float32 logits the loss holds at once; 0: all of them
 
     c.data = ConfigDict()
     c.data.dir = "data/shakespeare_char"  # prepared shards (train_*.bin, val_*.bin, tokenizer.json)
@@ -32,8 +33,10 @@ def get_config() -> ConfigDict:
     c.data.input = ""  # local text file or glob used by dataset=text (and auto, when given)
     c.data.tokenizer = "char"  # tokenizer used when preparing: char | gpt2
 
-    c.batch_size = 12  # sequences per micro-batch, summed over all devices and hosts
+    c.batch_size = 12  # sequences per micro-batch, summed over all devices and hosts (see device_batch_size)
     c.grad_accum_steps = 1  # micro-batches per optimizer step (tokens/step = batch_size * block_size * this)
+    c.device_batch_size = 0  # >0: sequences per device per micro-batch; sets batch_size for the mesh it runs on
+    c.tokens_per_step = 0  # >0: tokens per optimizer step; sets grad_accum_steps = this / (batch_size * block_size)
     c.steps_per_call = 1  # optimizer steps per jitted call (a lax.scan); >1 amortises the per-call cost of small models
 
     c.optim = ConfigDict()

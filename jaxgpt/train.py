@@ -34,6 +34,7 @@ class Trainer:
             self.tokenizer.save(workdir)
         self.model_config = self._model_config()
         self.mesh = sharding.make_mesh(config.mesh)
+        self.config = config = resolve_batch(config, self.mesh, self.model_config.block_size)
         self._check_batch()
         self.steps = make_steps(config, self.model_config, self.mesh)
 
@@ -144,8 +145,10 @@ class Trainer:
         log(self.is_main, f"model: {self.steps.n_params / 1e6:.2f}M parameters, {mc}")
         log(self.is_main, f"data: {self.data_dir}, {self.tokenizer.name} tokenizer of {self.tokenizer.vocab_size} "
                           "tokens")
+        c = self.config
         log(self.is_main, f"mesh: {dict(self.mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} "
-                          f"devices, {jax.process_count()} process(es); {self.tokens_per_step:,} tokens per step")
+                          f"devices, {jax.process_count()} process(es); {self.tokens_per_step:,} tokens per step "
+                          f"({c.grad_accum_steps} x {c.batch_size} x {self.model_config.block_size})")
 
     @property
     def tokens_per_step(self) -> int:
@@ -215,6 +218,30 @@ def prepare_data(config: ConfigDict, is_main: bool):
     return tokenizer.load_tokenizer(d.dir), d.dir
 
 
+def resolve_batch(config: ConfigDict, mesh, block_size: int) -> ConfigDict:
+    """The config with batch_size and grad_accum_steps derived, as build-nanogpt does, from device_batch_size
+    (sequences per device: times the mesh's batch shards) and tokens_per_step (over batch_size x block_size),
+    when those are set; the same config runs on 1 device or 8, accumulating more on fewer."""
+    if not (config.device_batch_size or config.tokens_per_step):
+        return config
+    c = ConfigDict(config.to_dict())
+    shards = sharding.batch_shards(mesh)
+    if config.device_batch_size < 0 or config.tokens_per_step < 0:
+        raise UserValueError(f"device_batch_size={config.device_batch_size} and tokens_per_step="
+                             f"{config.tokens_per_step} must be >= 0")
+    if config.device_batch_size:
+        c.batch_size = config.device_batch_size * shards
+    if config.tokens_per_step:
+        micro = c.batch_size * block_size
+        if config.tokens_per_step % micro:
+            how = (f"device_batch_size={config.device_batch_size} x {shards} batch shards"
+                   if config.device_batch_size else f"batch_size={c.batch_size}")
+            raise UserValueError(f"tokens_per_step={config.tokens_per_step} is not a multiple of the micro-batch's "
+                                 f"{micro} tokens ({how} x block_size={block_size}) on the mesh {dict(mesh.shape)}")
+        c.grad_accum_steps = config.tokens_per_step // micro
+    return c
+
+
 def call_length(step: int, config: ConfigDict, checkpoint_every: int) -> int:
     """Steps in the next jitted call: config.steps_per_call, cut short to end on the next eval or checkpoint step
     (which need the state there; a steps_per_call that divides them compiles a single call length). Log steps
@@ -228,6 +255,7 @@ def call_length(step: int, config: ConfigDict, checkpoint_every: int) -> int:
 def train(config: ConfigDict, workdir: str) -> TrainState:
     """Trains config.max_steps optimizer steps, resuming from workdir's checkpoints; returns the final state."""
     t = Trainer(config, workdir)
+    config = t.config  # batch_size and grad_accum_steps resolved for this mesh
     checkpoint_every = config.checkpoint_every or config.eval_every
     compiled = t.compile_ahead(call_length(t.manager.latest_step() or 0, config, checkpoint_every))
     state, start = t.initial_state()

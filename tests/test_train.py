@@ -230,7 +230,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(char_data, tmp
 
 @pytest.mark.slow
 def test_124m_config_runs_one_step_on_cpu(gpt2_data, tmp_path):
-    config = make_config("124m", **{"data.dir": gpt2_data, "batch_size": 1, "grad_accum_steps": 1,
+    config = make_config("124m", **{"data.dir": gpt2_data, "device_batch_size": 1, "tokens_per_step": 256,
                                     "model.block_size": 256, "max_steps": 1, "eval_iters": 1,
                                     "sample_tokens": 0, "optim.warmup_steps": 0, "optim.decay_steps": 10})
     start = time.perf_counter()
@@ -411,8 +411,8 @@ def test_trains_on_a_nanogpt_char_dir_as_it_is(tmp_path, capsys):
     text = shakespeare_like()
     data_dir = nanogpt_char_dir(tmp_path / "shakespeare_char", text)
     before = sorted(os.listdir(data_dir))
-    config = make_config(**{"data.dir": data_dir, "max_steps": 4, "eval_every": 4, "optim.warmup_steps": 1, "sample_tokens": 60,
-                            "sample_prompt": "ROMEO:"})
+    config = make_config(**{"data.dir": data_dir, "max_steps": 4, "eval_every": 4, "optim.warmup_steps": 1,
+                            "sample_tokens": 60, "sample_prompt": "ROMEO:"})
     train.train(config, str(tmp_path / "w"))
     out = capsys.readouterr().out
     assert f"data: {data_dir}, char tokenizer of 65 tokens" in out
@@ -432,3 +432,34 @@ def test_trains_on_llmc_shards_as_gpt2_bpe(tmp_path, capsys):
                             "sample_tokens": 0})
     train.train(config, str(tmp_path / "w"))
     assert f"data: {tmp_path}, gpt2 tokenizer of 50257 tokens" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_124m_recipe_on_1_and_8_devices_takes_the_same_first_step(char_data, tmp_path):
+    """configs/124m.py unchanged but shrunk by overrides: 8 devices run micro-batches 8x larger and accumulate 8x
+    fewer, for the same tokens per step and, on the same windows, the same step-1 loss."""
+    overrides = {"data.dir": char_data, "model.preset": "", "model.n_layer": 2, "model.n_head": 2, "model.n_embd": 32,
+                 "model.block_size": 32, "model.dtype": "float32", "device_batch_size": 2, "tokens_per_step": 1024,
+                 "max_steps": 2, "eval_every": 2, "eval_iters": 1, "log_every": 1, "sample_tokens": 0,
+                 "optim.warmup_steps": 0, "progress_bar": False}
+    runs = {}
+    for devices in (1, 8):
+        env = {**os.environ, "JAX_PLATFORMS": "cpu",
+               "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+        flags = [f"--workdir={tmp_path / str(devices)}", *(f"--config.{k}={v}" for k, v in overrides.items())]
+        done = subprocess.run([sys.executable, "-m", "jaxgpt.train", "--config=configs/124m.py", *flags], cwd=REPO,
+                              env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs[devices] = done.stdout, read_metrics(tmp_path / str(devices))
+    assert "1,024 tokens per step (16 x 2 x 32)" in runs[1][0]
+    assert "1,024 tokens per step (2 x 16 x 32)" in runs[8][0]
+    first = [next(r["loss"] for r in rows if r.get("step") == 1 and "loss" in r) for _, rows in runs.values()]
+    print(f"\nstep-1 loss: 1 device {first[0]!r}, 8 devices {first[1]!r}, |diff| {abs(first[0] - first[1]):.2g}")
+    assert abs(first[0] - first[1]) <= 1e-5, first
+
+
+def test_batch_by_tokens_that_does_not_divide_is_a_clear_error(char_data, tmp_path):
+    config = make_config(**{"data.dir": char_data, "device_batch_size": 3, "tokens_per_step": 1000})
+    with pytest.raises(ValueError, match=r"tokens_per_step=1000 is not a multiple of the micro-batch's 96 tokens "
+                                         r"\(device_batch_size=3 x 1 batch shards x block_size=32\)"):
+        train.train(config, str(tmp_path / "w"))
