@@ -30,7 +30,7 @@ REMAT_POLICIES = {  # config.remat -> what a rematerialised block keeps from its
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 # GPTConfig fields that change how a model computes, not its weights: every loader may override them.
-COMPUTE_FIELDS = ("dtype", "dropout", "scan_layers", "remat", "attention", "kernels")
+COMPUTE_FIELDS = ("dtype", "dropout", "scan_layers", "remat", "attention", "kernels", "loss_chunk")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,10 +52,13 @@ class GPTConfig:
     remat: str = "none"  # activation checkpointing per block: none | full | dots
     attention: str = "auto"  # auto | blocked | xla | cudnn (see jaxgpt/ops)
     kernels: str = "fast"  # fast | reference (plain jnp): the kernel set of jaxgpt/ops
+    loss_chunk: int = 4096  # tokens per device whose logits the loss holds at once; 0: the whole batch's
 
     def __post_init__(self):
         if self.n_embd % self.n_head:
             raise UserValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+        if self.loss_chunk < 0:
+            raise UserValueError(f"loss_chunk={self.loss_chunk} must be 0 (no chunks) or a number of tokens")
         if self.valid_vocab_size is not None and self.valid_vocab_size < 1:
             raise UserValueError(f"valid_vocab_size={self.valid_vocab_size} must be positive")
         for name, allowed in (("remat", REMAT_POLICIES), ("attention", ATTENTION), ("kernels", KERNELS),
@@ -193,6 +196,20 @@ class GPT(nnx.Module):
 
         rng: a key turns dropout on (training); None is evaluation. cache/positions: see jaxgpt/generate.py.
         """
+        x, cache = self.hidden(idx, rng=rng, cache=cache, positions=positions)
+        return self.logits(x), cache
+
+    def loss(self, idx, targets, *, rng: jax.Array | None = None):
+        """idx, targets (B, T) -> the mean cross-entropy of the targets >= 0, float32: cross_entropy(logits,
+        targets) with the logits of about loss_chunk tokens per device at a time (jaxgpt/ops), never all."""
+        x, _ = self.hidden(idx, rng=rng)
+        if self.config.loss_chunk == 0:
+            return cross_entropy(self.logits(x), targets)
+        return self.ops.tied_cross_entropy(x, self.wte.embedding[...], targets, self.config.n_valid_vocab,
+                                           self.config.loss_chunk)
+
+    def hidden(self, idx, *, rng: jax.Array | None = None, cache=None, positions=None):
+        """idx (B, T) -> (the head's input: ln_f's output (B, T, C) in the compute dtype, cache); as __call__."""
         cfg = self.config
         B, T = idx.shape
         if T > cfg.block_size:
@@ -203,7 +220,7 @@ class GPT(nnx.Module):
         x = (self.wte(idx) + self.wpe(positions)).astype(cfg.dtype)  # (B, T, C)
         x = sharding.constrain(dropout(x, cfg.dropout, keys[0]), ("batch", None, None))
         x, cache = self.blocks(x, None if rng is None else keys[1:], cache)
-        return self.logits(self.ln_f(x)), cache
+        return self.ln_f(x), cache
 
     def blocks(self, x, keys, cache):
         cfg, policy = self.config, REMAT_POLICIES[self.config.remat]

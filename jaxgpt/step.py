@@ -28,8 +28,7 @@ class TrainState:
 
 
 def loss_fn(params, graphdef, inputs, targets, rng):
-    logits, _ = nnx.merge(graphdef, params)(inputs, rng=rng)
-    return model.cross_entropy(logits, targets)
+    return nnx.merge(graphdef, params).loss(inputs, targets, rng=rng)  # never all the logits at once (loss_chunk)
 
 
 def train_step(state: TrainState, batch, *, graphdef, tx, schedule, use_dropout: bool):

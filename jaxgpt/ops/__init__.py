@@ -1,4 +1,4 @@
-"""The model's compute behind one API, `Ops`: dense layers, GELU, causal attention and the tied head.
+"""The model's compute behind one API, `Ops`: dense layers, GELU, causal attention, the tied head and its loss.
 
 Two kernel sets compute the same math: `reference` (plain jnp, the definition) and `fast` (xla_cpu.py: the forms
 XLA's CPU backend runs fastest). Attention: blocked (the set's own causal kernel), xla or cudnn
@@ -7,10 +7,12 @@ XLA's CPU backend runs fastest). Attention: blocked (the set's own causal kernel
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
 
+from jaxgpt import sharding
 from jaxgpt.ops import reference, xla_cpu
 
 KERNELS = {"fast": xla_cpu, "reference": reference}
@@ -53,6 +55,28 @@ class Ops:
         """x (B, T, C) @ embedding (V, C)^T -> float32 logits (B, T, V)."""
         return KERNELS[self.kernels].tied_logits(x, embedding)
 
+    def tied_cross_entropy(self, x, embedding, targets, n_valid: int, chunk_tokens: int):
+        """The mean cross-entropy of the tied head's logits x (B, T, C) @ embedding (V, C)^T against targets
+        (B, T), float32; targets < 0 are ignored and vocab rows >= n_valid excluded (-inf logits).
+
+        The logits of about chunk_tokens tokens per device exist at a time: each example's positions go in chunks
+        of c, every example at once, so a batch split over S devices stays split and the chunk loop runs on every
+        device alike; the S shards get an axis of their own, along which the kernels keep each device's partial sums
+        until the loop ends. Chunks past T are padding with ignored targets."""
+        B, T, C = x.shape
+        b = local_rows(B)
+        c = min(T, max(1, chunk_tokens // b))
+        n = math.ceil(T / c)
+        c = math.ceil(T / n)  # the same number of chunks, the least padding
+        if n * c > T:
+            x = jnp.pad(x, ((0, 0), (0, n * c - T), (0, 0)))
+            targets = jnp.pad(targets, ((0, 0), (0, n * c - T)), constant_values=-1)
+        xs = x.reshape(B // b, b, n, c, C).transpose(2, 0, 1, 3, 4)  # (n, S, b, c, C)
+        ts = targets.reshape(B // b, b, n, c).transpose(2, 0, 1, 3)  # (n, S, b, c)
+        xs = sharding.constrain(xs, (None, "batch", None, None, None))
+        ts = sharding.constrain(ts, (None, "batch", None, None))
+        return KERNELS[self.kernels].chunked_cross_entropy(xs, embedding, ts, n_valid)
+
     def causal_attention(self, qkv):
         """qkv (B, T, 3, n_head, head_dim), c_attn's output -> y (B, T, n_head, head_dim)."""
         implementation = resolve_attention(self.attention, self.dtype)
@@ -65,3 +89,11 @@ class Ops:
         """q (B, T, n_head, head_dim) against k, v (B, S, n_head, head_dim) where mask (B, 1, T, S) holds."""
         return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=resolve_attention(
             self.attention, self.dtype, masked=True))
+
+
+def local_rows(B: int) -> int:
+    """The rows of a batch of B that each device holds under the current mesh (all of them off a mesh, or when the
+    mesh does not divide B: then the batch stays whole, as sharding.spec_for leaves it)."""
+    mesh = sharding.current_mesh()
+    shards = 1 if mesh.empty else sharding.batch_shards(mesh)
+    return B // shards if B % shards == 0 else B

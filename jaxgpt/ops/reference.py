@@ -28,3 +28,19 @@ def causal_attention(qkv):
     scores = jnp.where(jnp.tril(jnp.ones((T, T), bool)), scores, -jnp.inf)  # (B, n_head, T, T)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     return jnp.einsum("bhqk,bkhd->bqhd", probs, v, preferred_element_type=jnp.float32).astype(v.dtype)
+
+
+def chunked_cross_entropy(x, embedding, targets, n_valid):
+    """x (n, S, b, c, C), targets (n, S, b, c): a loop over the n chunks whose backward pass recomputes each
+    chunk's logits (jax.checkpoint) instead of storing them."""
+    @jax.checkpoint
+    def chunk_nll(xc, tc):  # (S, b, c, C), (S, b, c) -> summed NLL
+        xc, tc = xc.reshape(-1, *xc.shape[2:]), tc.reshape(-1, tc.shape[-1])  # (S * b, c, C), (S * b, c)
+        logits = tied_logits(xc, embedding)  # (S * b, c, V) float32
+        logits = jnp.where(jnp.arange(logits.shape[-1]) < n_valid, logits, -jnp.inf)
+        valid = tc >= 0
+        logp = jax.nn.log_softmax(logits, axis=-1)
+        nll = -jnp.take_along_axis(logp, jnp.where(valid, tc, 0)[..., None], axis=-1)[..., 0]
+        return jnp.sum(jnp.where(valid, nll, 0.0))
+    sums = jax.lax.map(lambda chunk: chunk_nll(*chunk), (x, targets))  # (n,)
+    return jnp.sum(sums) / jnp.maximum(jnp.sum(targets >= 0), 1)

@@ -36,6 +36,77 @@ def tied_logits(x, embedding):
     return matmul_nt(x.reshape(B * T, C), embedding).reshape(B, T, -1)
 
 
+def chunked_cross_entropy(x, embedding, targets, n_valid):
+    """x (n, S, b, c, C), targets (n, S, b, c): a loop over the n chunks under one custom VJP. Differentiated, the
+    forward pass also takes each chunk's gradients (softmax - one-hot, through the head's two backward matmuls), so
+    the logits are computed once and never stored: the head's three matmuls per token, as without chunks (fused
+    cross-entropy kernels do the same). The backward pass only scales those gradients by the loss's cotangent."""
+    return _chunked_cross_entropy(x, embedding, targets, n_valid)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _chunked_cross_entropy(x, embedding, targets, n_valid):
+    return _cross_entropy_chunks(x, embedding, targets, n_valid, with_grads=False)[0]
+
+
+def _chunked_cross_entropy_fwd(x, embedding, targets, n_valid):
+    loss, dx, dw = _cross_entropy_chunks(x, embedding, targets, n_valid, with_grads=True)
+    return loss, (dx, dw.astype(embedding.dtype))
+
+
+def _chunked_cross_entropy_bwd(n_valid, residuals, g):
+    dx, dw = residuals
+    scale = lambda d: (g * d.astype(jnp.float32)).astype(d.dtype)
+    return scale(dx), scale(dw), None
+
+
+_chunked_cross_entropy.defvjp(_chunked_cross_entropy_fwd, _chunked_cross_entropy_bwd)
+
+
+def _cross_entropy_chunks(x, embedding, targets, n_valid, with_grads: bool):
+    """-> (mean NLL, and with_grads: its gradients dx (n, S, b, c, C) in x's dtype and dw (V, C) float32). The
+    sums over tokens stay one per batch shard (S) until the loop ends: on a mesh, one reduction, not one a chunk."""
+    n, S, b, c, C = x.shape
+    V = embedding.shape[0]
+    w = embedding.astype(x.dtype)
+    count = jnp.maximum(jnp.sum(targets >= 0), 1).astype(jnp.float32)
+
+    def chunk(xc, tc):  # (S, b, c, C), (S, b, c) -> NLL (S,), dx (S, b, c, C), dw (S, V, C): each shard's sums
+        x2, t = xc.reshape(-1, C), tc.reshape(-1)  # (N, C), (N,): 2-D, as `dense`
+        logits = jax.lax.dot_general(x2, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+        logits = sharding.constrain(logits, ("batch", "vocab"))  # (N, V) float32
+        if n_valid < V:
+            logits = jnp.where(jnp.arange(V) < n_valid, logits, -jnp.inf)
+        valid = t >= 0
+        t = jnp.where(valid, t, 0)
+        lse = jax.nn.logsumexp(logits, axis=-1)  # (N,)
+        nll = jnp.where(valid, lse - jnp.take_along_axis(logits, t[:, None], axis=-1)[:, 0], 0.0)
+        nll = sharding.constrain(nll.reshape(S, -1).sum(-1), ("batch",))
+        if not with_grads:
+            return nll, None, None
+        dlogits = (jnp.exp(logits - lse[:, None]) - (jnp.arange(V) == t[:, None])) * (valid / count)[:, None]
+        dlogits = dlogits.astype(x.dtype)  # rounded to the compute dtype, as the unchunked head's backward pass
+        dx = jnp.dot(dlogits, w, preferred_element_type=jnp.float32).astype(x.dtype)  # (N, C)
+        if S == 1:  # 2-D, faster on CPU
+            dw = _matmul_tn(dlogits, x2)[None]
+        else:
+            dw = _matmul_tn(dlogits.reshape(S, -1, V), x2.reshape(S, -1, C))
+        return nll, dx.reshape(S, b, c, C), sharding.constrain(dw, ("batch", "vocab", None))  # dw float32
+
+    if n == 1:  # no loop: a one-trip loop keeps XLA from fusing across it
+        nll, dx, dw = chunk(x[0], targets[0])
+        dx = None if dx is None else dx[None]
+    else:
+        def body(carry, chunk_in):
+            nll, dw = carry
+            nll_chunk, dx, dw_chunk = chunk(*chunk_in)
+            return (nll + nll_chunk, None if dw is None else dw + dw_chunk), dx
+        dw0 = jnp.zeros((S, V, C), jnp.float32) if with_grads else None
+        (nll, dw), dx = jax.lax.scan(body, (jnp.zeros((S,), jnp.float32), dw0), (x, targets))
+    dw = None if dw is None else sharding.constrain(dw.sum(0), ("vocab", "embed"))  # (V, C), laid out as wte
+    return nll.sum() / count, dx, dw
+
+
 def causal_attention(qkv, block: int = 128):
     """The 'blocked' attention: q, k, v go heads-major, (B, n_head, T, head_dim), so the products are batched
     matmuls with the batch and head axes leading; queries go in blocks of `block` rows, each against only the keys
