@@ -11,7 +11,7 @@ def get_config():
     c.data.dataset = "fineweb_edu"
     c.data.tokenizer = "gpt2"
     c.tokens_per_step = 524288  # 2**19
-    c.device_batch_size = 16  # x 1024 tokens: what fits an 80 GB GPU in bf16 (docs/scaling.md)
+    c.device_batch_size = 32  # x 1024 tokens: what fits an 80 GB GPU in bf16 (docs/scaling.md)
     c.optim.lr = 6e-4
     c.optim.warmup_steps = 715
     c.optim.warmup = "build_nanogpt"
