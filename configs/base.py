@@ -20,6 +20,14 @@ def get_config() -> ConfigDict:
     c.model.dropout = 0.0  # dropout on embeddings and residual branches (0 for pretraining, 0.1+ for finetuning)
     c.model.bias = True  # biases in Linear and LayerNorm layers (GPT-2: True)
     c.model.activation = "gelu_tanh"  # the MLP's GELU: gelu_tanh (GPT-2's) | gelu (exact erf, nanoGPT's)
+    c.model.norm = "layernorm"  # layernorm (GPT-2) | rmsnorm
+    c.model.mlp = "gelu"  # gelu (GPT-2) | swiglu (gate, up and down projections, as Llama)
+    c.model.mlp_hidden = 0  # the MLP's width; 0: 4 * n_embd (gelu) or 8/3 * n_embd rounded up to 256 (swiglu)
+    c.model.positions = "learned"  # learned (GPT-2's wpe) | rope (rotary)
+    c.model.rope_theta = 10000.0  # rotary base
+    c.model.n_kv_head = 0  # 0: GPT-2's fused c_attn; n: separate q/k/v with n key/value heads (grouped-query)
+    c.model.tie_embeddings = True  # the head shares wte (GPT-2); False: its own lm_head
+    c.model.layer_norm_epsilon = 1e-5  # the norms' epsilon (GPT-2 1e-5, Llama 1e-6)
     c.model.dtype = "float32"  # compute dtype: float32 or bfloat16 (parameters stay float32)
     c.model.scan_layers = False  # compile one block and lax.scan over the layers (faster compiles for big models)
     c.model.remat = "none"  # activation checkpointing per block: none | full | dots

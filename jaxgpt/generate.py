@@ -21,7 +21,7 @@ MIN_PROMPT_BUCKET = 16
 
 @struct.dataclass
 class KVCache:
-    """One layer's keys and values (B, max_len, n_head, head_dim), filled left to right.
+    """One layer's keys and values (B, max_len, n_kv_head, head_dim), filled left to right.
 
     index: the next slot to write (all rows advance together). start (B,): each row's first real slot; slots
     before it hold left padding and are never attended to.
@@ -33,14 +33,13 @@ class KVCache:
 
     @classmethod
     def create(cls, config: GPTConfig, start: jax.Array, max_len: int) -> KVCache:
-        shape = (start.shape[0], max_len, config.n_head, config.n_embd // config.n_head)
+        shape = (start.shape[0], max_len, config.n_kv_head or config.n_head, config.head_dim)
         zeros = jnp.zeros(shape, config.dtype)
         return cls(zeros, zeros, jnp.zeros((), jnp.int32), start.astype(jnp.int32))
 
-    def attend(self, qkv, ops):
-        """Writes qkv's (B, T, 3, n_head, head_dim) keys and values at `index` and attends its queries to every
+    def attend(self, q, k, v, ops):
+        """Writes k and v (B, T, n_kv_head, head_dim) at `index` and attends q (B, T, n_head, head_dim) to every
         filled, unpadded slot with ops.masked_attention."""
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # each (B, T, n_head, head_dim)
         T, max_len = q.shape[1], self.k.shape[1]
         keys = jax.lax.dynamic_update_slice(self.k, k.astype(self.k.dtype), (0, self.index, 0, 0))
         values = jax.lax.dynamic_update_slice(self.v, v.astype(self.v.dtype), (0, self.index, 0, 0))

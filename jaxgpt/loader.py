@@ -14,6 +14,9 @@ from jaxgpt import checkpoint, model
 from jaxgpt.errors import UserValueError
 
 KINDS = ("hf", "nanogpt", "ckpt")
+# GPTConfig fields a training config's model section sets as they are
+ARCHITECTURE_FIELDS = ("bias", "activation", "norm", "mlp", "mlp_hidden", "positions", "rope_theta", "n_kv_head",
+                       "tie_embeddings", "layer_norm_epsilon")
 
 
 def model_config(config: ConfigDict, vocab_size: int) -> model.GPTConfig:
@@ -25,8 +28,8 @@ def model_config(config: ConfigDict, vocab_size: int) -> model.GPTConfig:
     rows = m.vocab_size or 64 * math.ceil(vocab_size / 64)
     if rows < vocab_size:
         raise UserValueError(f"model.vocab_size={rows} is smaller than the tokenizer's vocabulary ({vocab_size})")
-    return model.GPTConfig(vocab_size=rows, valid_vocab_size=vocab_size, block_size=m.block_size, bias=m.bias,
-                           activation=m.activation, **shape, **compute_overrides(m))
+    return model.GPTConfig(vocab_size=rows, valid_vocab_size=vocab_size, block_size=m.block_size,
+                           **{name: m[name] for name in ARCHITECTURE_FIELDS}, **shape, **compute_overrides(m))
 
 
 def compute_overrides(model_section: ConfigDict) -> dict:

@@ -1,7 +1,10 @@
 """GPT-2 in Flax NNX, read top-down: config, layers, attention, MLP, block, the model.
 
 Parameter names follow Hugging Face's GPT2LMHeadModel (wte, wpe, h, ln_1, attn.c_attn, attn.c_proj, ln_2,
-mlp.c_fc, mlp.c_proj, ln_f), and kernels are stored [in, out] like HF's Conv1D, so the bridge is a plain copy.
+mlp.c_fc, mlp.c_proj, ln_f); kernels are stored [in..., out...] with heads as their own axis, (C, 3, H, D) for
+c_attn, so tensor parallelism splits whole heads and the bridge is a reshape. The modern blocks are config
+switches beside GPT-2's: RMSNorm, SwiGLU (mlp.c_gate), rotary positions, grouped-query attention (attn.q_proj,
+k_proj, v_proj, as HF Llama) and an untied head (lm_head).
 Every parameter names its logical axes ('embed', 'mlp', ...); jaxgpt/sharding.py maps them onto a mesh.
 Compute runs in `config.dtype` over `config.param_dtype` weights, through the kernels of jaxgpt/ops.
 """
@@ -29,6 +32,7 @@ REMAT_POLICIES = {  # config.remat -> what a rematerialised block keeps from its
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
+NORMS, MLPS, POSITIONS = ("layernorm", "rmsnorm"), ("gelu", "swiglu"), ("learned", "rope")
 # GPTConfig fields that change how a model computes, not its weights: every loader may override them.
 COMPUTE_FIELDS = ("dtype", "dropout", "scan_layers", "remat", "attention", "kernels", "loss_chunk")
 
@@ -53,6 +57,13 @@ class GPTConfig:
     attention: str = "auto"  # auto | blocked | xla | cudnn (see jaxgpt/ops)
     kernels: str = "fast"  # fast | reference (plain jnp): the kernel set of jaxgpt/ops
     loss_chunk: int = 4096  # tokens per device whose logits the loss holds at once; 0: the whole batch's
+    norm: str = "layernorm"  # layernorm (GPT-2) | rmsnorm (scale only, no bias)
+    mlp: str = "gelu"  # gelu (GPT-2: c_fc, GELU, c_proj) | swiglu (c_proj(silu(c_gate(x)) * c_fc(x)), as Llama)
+    mlp_hidden: int = 0  # the MLP's width; 0: 4 * n_embd (gelu) or 8/3 * n_embd rounded up to 256 (swiglu)
+    positions: str = "learned"  # learned (wpe) | rope (rotary, on queries and keys)
+    rope_theta: float = 10000.0  # rotary base
+    n_kv_head: int = 0  # 0: GPT-2's fused c_attn; n: separate q/k/v projections with n key/value heads (GQA)
+    tie_embeddings: bool = True  # the head is wte; False: its own lm_head (V, C)
 
     def __post_init__(self):
         if self.n_embd % self.n_head:
@@ -61,8 +72,12 @@ class GPTConfig:
             raise UserValueError(f"loss_chunk={self.loss_chunk} must be 0 (no chunks) or a number of tokens")
         if self.valid_vocab_size is not None and self.valid_vocab_size < 1:
             raise UserValueError(f"valid_vocab_size={self.valid_vocab_size} must be positive")
+        if self.n_kv_head < 0 or (self.n_kv_head and self.n_head % self.n_kv_head):
+            raise UserValueError(f"n_kv_head={self.n_kv_head} must be 0 (fused c_attn) or divide n_head={self.n_head}")
+        if self.positions == "rope" and self.head_dim % 2:
+            raise UserValueError(f"rotary positions need an even head_dim, got {self.head_dim}")
         for name, allowed in (("remat", REMAT_POLICIES), ("attention", ATTENTION), ("kernels", KERNELS),
-                              ("activation", ACTIVATIONS)):
+                              ("activation", ACTIVATIONS), ("norm", NORMS), ("mlp", MLPS), ("positions", POSITIONS)):
             if getattr(self, name) not in allowed:
                 raise UserValueError(f"{name}={getattr(self, name)!r}: expected one of {list(allowed)}")
 
@@ -71,6 +86,16 @@ class GPTConfig:
         if name not in PRESETS:
             raise UserValueError(f"unknown preset {name!r}: expected one of {sorted(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides})
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def mlp_dim(self) -> int:
+        if self.mlp_hidden:
+            return self.mlp_hidden
+        return 4 * self.n_embd if self.mlp == "gelu" else 256 * math.ceil(8 * self.n_embd / 3 / 256)
 
     @property
     def n_valid_vocab(self) -> int:
@@ -91,16 +116,23 @@ def param(init, axes, shape, config: GPTConfig, rngs: nnx.Rngs) -> nnx.Param:
 
 
 class Linear(nnx.Module):
-    """x @ kernel + bias with the kernel stored [in, out] (HF Conv1D layout)."""
+    """x @ kernel + bias with the kernel stored [in..., out...] (HF Conv1D's [in, out], heads kept as an axis):
+    d_in and d_out are ints or shapes, x's last len(d_in) axes are contracted."""
 
     def __init__(self, d_in, d_out, axes, config: GPTConfig, *, rngs: nnx.Rngs, std: float | None = None):
+        d_in, d_out = _shape(d_in), _shape(d_out)
         init = jax.nn.initializers.normal(config.init_std if std is None else std)
-        self.kernel = param(init, axes, (d_in, d_out), config, rngs)
-        self.bias = param(jax.nn.initializers.zeros, axes[1:], (d_out,), config, rngs) if config.bias else None
-        self.ops = Ops.of(config)
+        self.kernel = param(init, axes, (*d_in, *d_out), config, rngs)
+        self.bias = (param(jax.nn.initializers.zeros, axes[len(d_in):], d_out, config, rngs) if config.bias
+                     else None)
+        self.n_in, self.ops = len(d_in), Ops.of(config)
 
     def __call__(self, x):
-        return self.ops.dense(x, self.kernel[...], None if self.bias is None else self.bias[...])
+        return self.ops.dense(x, self.kernel[...], None if self.bias is None else self.bias[...], self.n_in)
+
+
+def _shape(d) -> tuple[int, ...]:
+    return (d,) if isinstance(d, int) else tuple(d)
 
 
 class LayerNorm(nnx.Module):
@@ -122,6 +154,35 @@ class LayerNorm(nnx.Module):
         return y.astype(self.dtype)
 
 
+class RMSNorm(nnx.Module):
+    """x / rms(x) * scale, statistics in float32 (HF Llama's LlamaRMSNorm)."""
+
+    def __init__(self, config: GPTConfig, *, rngs: nnx.Rngs):
+        self.scale = param(jax.nn.initializers.ones, ("embed",), (config.n_embd,), config, rngs)
+        self.eps, self.dtype = config.layer_norm_epsilon, config.dtype
+
+    def __call__(self, x):
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.square(x32).mean(-1, keepdims=True) + self.eps) * self.scale[...]
+        return y.astype(self.dtype)
+
+
+def Norm(config: GPTConfig, *, rngs: nnx.Rngs):
+    return (LayerNorm if config.norm == "layernorm" else RMSNorm)(config, rngs=rngs)
+
+
+def rope(x, positions, theta: float):
+    """Rotary positions on x (B, T, heads, D) at positions (B or 1, T), HF Llama's convention: the two halves of
+    the head dim are the two coordinates of each rotated pair."""
+    D = x.shape[-1]
+    inv_freq = 1.0 / theta ** (jnp.arange(0, D, 2, dtype=jnp.float32) / D)  # (D/2,)
+    angles = positions[..., None].astype(jnp.float32) * inv_freq  # (B, T, D/2)
+    cos, sin = (jnp.concatenate([f(angles)] * 2, -1)[:, :, None] for f in (jnp.cos, jnp.sin))  # (B, T, 1, D)
+    x32 = x.astype(jnp.float32)
+    rotated = jnp.concatenate([-x32[..., D // 2:], x32[..., :D // 2]], -1)
+    return (x32 * cos + rotated * sin).astype(x.dtype)
+
+
 class Embed(nnx.Module):
     def __init__(self, rows: int, axes, config: GPTConfig, *, rngs: nnx.Rngs):
         self.embedding = param(jax.nn.initializers.normal(config.init_std), axes, (rows, config.n_embd), config, rngs)
@@ -132,45 +193,62 @@ class Embed(nnx.Module):
 
 class CausalSelfAttention(nnx.Module):
     def __init__(self, config: GPTConfig, *, rngs: nnx.Rngs):
-        C = config.n_embd
-        self.c_attn = Linear(C, 3 * C, ("embed", "heads"), config, rngs=rngs)
-        self.c_proj = Linear(C, C, ("heads", "embed"), config, rngs=rngs,
+        C, H, D, K = config.n_embd, config.n_head, config.head_dim, config.n_kv_head
+        if K:  # separate projections: each of the K key/value heads serves H // K query heads
+            self.q_proj = Linear(C, (H, D), ("embed", "heads", None), config, rngs=rngs)
+            self.k_proj = Linear(C, (K, D), ("embed", "kv_heads", None), config, rngs=rngs)
+            self.v_proj = Linear(C, (K, D), ("embed", "kv_heads", None), config, rngs=rngs)
+        else:
+            self.c_attn = Linear(C, (3, H, D), ("embed", None, "heads", None), config, rngs=rngs)
+        self.c_proj = Linear((H, D), C, ("heads", None, "embed"), config, rngs=rngs,
                              std=config.init_std / math.sqrt(2 * config.n_layer))
-        self.n_head, self.ops = config.n_head, Ops.of(config)
+        self.config, self.ops = config, Ops.of(config)
 
-    def __call__(self, x, cache=None):
-        B, T, C = x.shape
-        qkv = self.c_attn(x).reshape(B, T, 3, self.n_head, C // self.n_head)  # (B, T, 3, n_head, head_dim)
+    def __call__(self, x, positions, cache=None):
+        cfg = self.config
+        if cfg.n_kv_head:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # (B, T, H, D), (B, T, K, D) twice
+        else:
+            qkv = self.c_attn(x)  # (B, T, 3, H, D)
+            if cfg.positions == "learned" and cache is None:
+                return self.c_proj(self.ops.causal_attention(qkv)), cache  # GPT-2's path: one fused kernel
+            q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        if cfg.positions == "rope":
+            q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
         if cache is None:
-            y = self.ops.causal_attention(qkv)  # (B, T, n_head, head_dim)
+            y = self.ops.causal_attention_gqa(q, k, v)  # (B, T, H, D)
         else:  # q attends to the cached keys and values: jaxgpt/generate.py
-            y, cache = cache.attend(qkv, self.ops)
-        return self.c_proj(y.reshape(B, T, C)), cache  # heads merged back: (B, T, C)
+            y, cache = cache.attend(q, k, v, self.ops)
+        return self.c_proj(y), cache  # heads merged back: (B, T, C)
 
 
 class MLP(nnx.Module):
     def __init__(self, config: GPTConfig, *, rngs: nnx.Rngs):
-        C = config.n_embd
-        self.c_fc = Linear(C, 4 * C, ("embed", "mlp"), config, rngs=rngs)
-        self.c_proj = Linear(4 * C, C, ("mlp", "embed"), config, rngs=rngs,
+        C, F = config.n_embd, config.mlp_dim
+        if config.mlp == "swiglu":
+            self.c_gate = Linear(C, F, ("embed", "mlp"), config, rngs=rngs)
+        self.c_fc = Linear(C, F, ("embed", "mlp"), config, rngs=rngs)
+        self.c_proj = Linear(F, C, ("mlp", "embed"), config, rngs=rngs,
                              std=config.init_std / math.sqrt(2 * config.n_layer))
-        self.ops = Ops.of(config)
+        self.swiglu, self.ops = config.mlp == "swiglu", Ops.of(config)
 
     def __call__(self, x):
-        return self.c_proj(self.ops.gelu(self.c_fc(x)))  # through (B, T, 4 * C)
+        if self.swiglu:
+            return self.c_proj(jax.nn.silu(self.c_gate(x)) * self.c_fc(x))  # through (B, T, F)
+        return self.c_proj(self.ops.gelu(self.c_fc(x)))  # through (B, T, F)
 
 
 class Block(nnx.Module):
     def __init__(self, config: GPTConfig, *, rngs: nnx.Rngs):
-        self.ln_1 = LayerNorm(config, rngs=rngs)
+        self.ln_1 = Norm(config, rngs=rngs)
         self.attn = CausalSelfAttention(config, rngs=rngs)
-        self.ln_2 = LayerNorm(config, rngs=rngs)
+        self.ln_2 = Norm(config, rngs=rngs)
         self.mlp = MLP(config, rngs=rngs)
         self.rate = config.dropout
 
-    def __call__(self, x, key=None, cache=None):
+    def __call__(self, x, positions, key=None, cache=None):
         k1, k2 = jax.random.split(key) if key is not None else (None, None)
-        y, cache = self.attn(self.ln_1(x), cache)
+        y, cache = self.attn(self.ln_1(x), positions, cache)
         x = x + dropout(y, self.rate, k1)
         x = x + dropout(self.mlp(self.ln_2(x)), self.rate, k2)
         return sharding.constrain(x, ("batch", None, None)), cache  # residual stream split by batch only
@@ -180,7 +258,8 @@ class GPT(nnx.Module):
     def __init__(self, config: GPTConfig, *, rngs: nnx.Rngs):
         self.config, self.ops = config, Ops.of(config)
         self.wte = Embed(config.vocab_size, ("vocab", "embed"), config, rngs=rngs)
-        self.wpe = Embed(config.block_size, ("position", "embed"), config, rngs=rngs)
+        if config.positions == "learned":
+            self.wpe = Embed(config.block_size, ("position", "embed"), config, rngs=rngs)
         if config.scan_layers:  # one Block whose parameters carry a leading (n_layer,) 'layers' axis
             @nnx.split_rngs(splits=config.n_layer)
             @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
@@ -189,7 +268,10 @@ class GPT(nnx.Module):
             self.h = stacked(rngs)
         else:
             self.h = nnx.List([Block(config, rngs=rngs) for _ in range(config.n_layer)])
-        self.ln_f = LayerNorm(config, rngs=rngs)
+        self.ln_f = Norm(config, rngs=rngs)
+        if not config.tie_embeddings:  # stored like wte, (V, C), so both heads are one matmul form
+            self.lm_head = param(jax.nn.initializers.normal(config.init_std), ("vocab", "embed"),
+                                 (config.vocab_size, config.n_embd), config, rngs)
 
     def __call__(self, idx, *, rng: jax.Array | None = None, cache=None, positions=None):
         """idx (B, T) int tokens -> float32 logits (B, T, vocab_size).
@@ -205,7 +287,7 @@ class GPT(nnx.Module):
         x, _ = self.hidden(idx, rng=rng)
         if self.config.loss_chunk == 0:
             return cross_entropy(self.logits(x), targets)
-        return self.ops.tied_cross_entropy(x, self.wte.embedding[...], targets, self.config.n_valid_vocab,
+        return self.ops.tied_cross_entropy(x, self.head(), targets, self.config.n_valid_vocab,
                                            self.config.loss_chunk)
 
     def hidden(self, idx, *, rng: jax.Array | None = None, cache=None, positions=None):
@@ -217,35 +299,42 @@ class GPT(nnx.Module):
         if positions is None:
             positions = jnp.arange(T)[None]  # (1, T)
         keys = jax.random.split(rng, cfg.n_layer + 1) if rng is not None else [None] * (cfg.n_layer + 1)
-        x = (self.wte(idx) + self.wpe(positions)).astype(cfg.dtype)  # (B, T, C)
-        x = sharding.constrain(dropout(x, cfg.dropout, keys[0]), ("batch", None, None))
-        x, cache = self.blocks(x, None if rng is None else keys[1:], cache)
+        x = self.wte(idx)
+        if cfg.positions == "learned":
+            x = x + self.wpe(positions)
+        x = sharding.constrain(dropout(x.astype(cfg.dtype), cfg.dropout, keys[0]), ("batch", None, None))  # (B, T, C)
+        x, cache = self.blocks(x, positions, None if rng is None else keys[1:], cache)
         return self.ln_f(x), cache
 
-    def blocks(self, x, keys, cache):
+    def blocks(self, x, positions, keys, cache):
         cfg, policy = self.config, REMAT_POLICIES[self.config.remat]
 
-        def run(block, x, key, layer_cache):
-            return block(x, key, layer_cache)
+        def run(block, x, positions, key, layer_cache):
+            return block(x, positions, key, layer_cache)
         if cfg.remat != "none":
             run = nnx.remat(run, policy=policy)
         if not cfg.scan_layers:
             caches = []
             for i, block in enumerate(self.h):
-                x, c = run(block, x, None if keys is None else keys[i], None if cache is None else cache[i])
+                x, c = run(block, x, positions, None if keys is None else keys[i],
+                           None if cache is None else cache[i])
                 caches.append(c)
             return x, None if cache is None else caches
 
-        @nnx.scan(in_axes=(0, nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0),
+        @nnx.scan(in_axes=(0, nnx.Carry, None, 0, 0), out_axes=(nnx.Carry, 0),
                   transform_metadata={nnx.PARTITION_NAME: "layers"})
-        def scan(block, x, key, layer_cache):
-            return run(block, x, key, layer_cache)
-        return scan(self.h, x, keys, cache)
+        def scan(block, x, positions, key, layer_cache):
+            return run(block, x, positions, key, layer_cache)
+        return scan(self.h, x, positions, keys, cache)
+
+    def head(self):
+        """The (V, C) output embedding: wte when tied, else lm_head."""
+        return self.wte.embedding[...] if self.config.tie_embeddings else self.lm_head[...]
 
     def logits(self, x):
-        """Weight-tied head. Padded vocab rows get -inf logits: softmax gives them probability 0, so they are
-        never sampled, and since targets are real tokens they never change a loss (nor receive gradient)."""
-        logits = self.ops.tied_logits(x, self.wte.embedding[...])  # (B, T, vocab_size) float32
+        """The head. Padded vocab rows get -inf logits: softmax gives them probability 0, so they are never
+        sampled, and since targets are real tokens they never change a loss (nor receive gradient)."""
+        logits = self.ops.tied_logits(x, self.head())  # (B, T, vocab_size) float32
         if self.config.n_valid_vocab < self.config.vocab_size:
             logits = jnp.where(jnp.arange(self.config.vocab_size) < self.config.n_valid_vocab, logits, -jnp.inf)
         return logits

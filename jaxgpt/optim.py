@@ -30,7 +30,7 @@ def learning_rate_schedule(optim, max_steps: int) -> optax.Schedule:
     return schedule
 
 
-DECAYED = ("kernel", "embedding")  # the 2-D weights of matmuls and embeddings
+DECAYED = ("kernel", "embedding", "lm_head")  # the weights of matmuls, embeddings and an untied head
 
 
 def decay_mask(params):

@@ -21,6 +21,7 @@ RULES = {  # logical axis -> mesh axis (or axes); names not listed are replicate
     "embed": "fsdp",  # FSDP: every weight is split along its model dimension
     "vocab": "tensor",
     "heads": "tensor",
+    "kv_heads": "tensor",  # a count the tensor axis does not divide (GQA's few heads) stays whole
     "mlp": "tensor",
     "layers": None,  # the stacked-layers axis of scan_layers models stays whole
     "position": None,

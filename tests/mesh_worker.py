@@ -1,8 +1,9 @@
 """Runs training jobs in one process for tests/test_sharding.py, which starts it with a chosen device count.
 
 python tests/mesh_worker.py JOBS_JSON: JOBS_JSON is a list of {"workdir", "data_dir", "mesh": [data, fsdp, tensor],
-"max_steps", "out"}; each job trains the test config and saves its final params and per-step losses to "out",
-and each parameter's sharding (its PartitionSpec as a list) to "out".specs.json.
+"max_steps", "out", optional "model": {field: value}, "hlo": path}; each job trains the test config (or with "hlo"
+writes its compiled step's HLO there) and saves its final params and per-step losses to "out", and each
+parameter's sharding (its PartitionSpec as a list) to "out".specs.json.
 Multi-process: pass --coordinator/--num_processes/--process_id after the JSON and each process runs the same jobs.
 """
 import json
@@ -12,10 +13,11 @@ import jax
 import numpy as np
 
 
-def test_config(data_dir, mesh, max_steps):
+def test_config(data_dir, mesh, max_steps, model=None):
     from configs import tiny
     c = tiny.get_config()
     c.model.n_head, c.model.n_embd = 4, 64  # heads divisible by a tensor axis of 4
+    c.model.update(model or {})
     c.data.dir = data_dir
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = mesh
     c.max_steps, c.optim.decay_steps = max_steps, 12
@@ -25,7 +27,11 @@ def test_config(data_dir, mesh, max_steps):
 
 def run(job):
     from jaxgpt import train
-    state = train.train(test_config(job["data_dir"], job["mesh"], job["max_steps"]), job["workdir"])
+    config = test_config(job["data_dir"], job["mesh"], job["max_steps"], job.get("model"))
+    if job.get("hlo"):  # the compiled training step's HLO text, not a run
+        write_hlo(config, job["hlo"])
+        return
+    state = train.train(config, job["workdir"])
     if jax.process_index() == 0:
         flat = {jax.tree_util.keystr(k): np.asarray(jax.device_get(v))
                 for k, v in jax.tree_util.tree_flatten_with_path(state.params)[0]}
@@ -36,6 +42,19 @@ def run(job):
                  for k, v in jax.tree_util.tree_flatten_with_path(state.params)[0]}
         with open(f"{job['out']}.specs.json", "w") as f:
             json.dump(specs, f)
+
+
+def write_hlo(config, path):
+    import jax.numpy as jnp
+
+    from jaxgpt import loader, sharding, step
+    mesh = sharding.make_mesh(config.mesh)
+    steps = step.make_steps(config, loader.model_config(config, 65), mesh)
+    shape = (1, 1, config.batch_size, config.model.block_size)
+    batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding.batch_sharding(mesh, 4, 2))
+             for k in ("inputs", "targets")}
+    with open(path, "w") as f:
+        f.write(steps.train_steps.lower(steps.abstract_state, batch).compile().as_text())
 
 
 def main(argv):

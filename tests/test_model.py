@@ -1,6 +1,7 @@
 """jaxgpt's GPT against Hugging Face's GPT2LMHeadModel (the reference), plus properties of the model itself."""
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -63,6 +64,26 @@ def test_124m_parameter_count_matches_hf(hf_124m):
         abstract = nnx.eval_shape(lambda: GPT(config, rngs=nnx.Rngs(0)))
     assert num_params(abstract) == hf_count == 124_439_808
     assert num_params(torch_bridge.from_hf(hf_124m, vocab_size=50257)) == hf_count
+
+
+def test_1b_swiglu_parameter_count_matches_hf_llama():
+    """configs/1b_swiglu.py against LlamaForCausalLM of the same shape (built on the meta device: no memory)."""
+    import importlib
+
+    import transformers
+
+    from jaxgpt import loader, model
+    config = importlib.import_module("configs.1b_swiglu").get_config()
+    ours = loader.model_config(config, 50257)
+    hf_config = transformers.LlamaConfig(
+        vocab_size=ours.vocab_size, hidden_size=ours.n_embd, intermediate_size=ours.mlp_dim,
+        num_hidden_layers=ours.n_layer, num_attention_heads=ours.n_head, num_key_value_heads=ours.n_kv_head,
+        max_position_embeddings=ours.block_size, tie_word_embeddings=ours.tie_embeddings)
+    with torch.device("meta"):
+        hf_count = sum(p.numel() for p in transformers.LlamaForCausalLM(hf_config).parameters())
+    count = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(nnx.state(model.abstract(ours), nnx.Param)))
+    print(f"\n1b_swiglu: {count:,} parameters (HF Llama: {hf_count:,})")
+    assert count == hf_count and 1.0e9 < count < 1.1e9
 
 
 def test_future_tokens_do_not_change_earlier_logits():

@@ -1,4 +1,4 @@
-"""Move GPT-2 weights between jaxgpt and PyTorch: Hugging Face GPT2LMHeadModel and nanoGPT's ckpt.pt.
+"""Move weights between jaxgpt and PyTorch: Hugging Face GPT2LMHeadModel and LlamaForCausalLM, nanoGPT's ckpt.pt.
 
     model = from_hf(hf_model_or_dir_or_state_dict, dtype="bfloat16")  # keywords override GPTConfig fields
     save_hf(model, "out/hf");  to_nanogpt(model, "out/ckpt.pt");  model = from_nanogpt("out/ckpt.pt")
@@ -16,26 +16,43 @@ from collections.abc import Mapping
 import torch
 
 from jaxgpt.errors import UserFileNotFoundError, UserValueError
-from jaxgpt.model import GPT
+from jaxgpt.model import GPT, GPTConfig
 from jaxgpt.tokenizer import GPT2_VOCAB_SIZE, CharTokenizer, GPT2Tokenizer, Tokenizer, bundled_gpt2_files
 from torch_bridge import convert
-from torch_bridge.mapping import HF, NANOGPT
+from torch_bridge.mapping import COMPILED_PREFIX, HF, LLAMA, MODEL_TYPES, NANOGPT, Format
+
+HF_CLASSES = {HF: ("GPT2Config", "GPT2LMHeadModel"), LLAMA: ("LlamaConfig", "LlamaForCausalLM")}
 
 
 def from_hf(src, *, n_head: int | None = None, **overrides) -> GPT:
-    """src: a transformers GPT2LMHeadModel, a local HF model directory, or a bare state dict (shape inferred;
-    n_head defaults to the preset with the same n_embd). `overrides` set GPTConfig fields (dtype, scan_layers)."""
+    """src: a transformers GPT2LMHeadModel or LlamaForCausalLM, a local HF model directory, or a bare state dict
+    (shape inferred; n_head needed for Llama, for GPT-2 it defaults to the preset with the same n_embd).
+    `overrides` set GPTConfig fields (dtype, scan_layers)."""
     if isinstance(src, (str, os.PathLike)):
-        hf_config, sd, source = read_hf_dir(src)
+        fmt, hf_config, sd, source = read_hf_dir(src)
     elif isinstance(src, Mapping):
-        hf_config, sd, source = None, src, "state dict"
+        fmt, hf_config, sd, source = state_dict_format(src), None, src, "state dict"
     else:
+        fmt = hf_format(getattr(getattr(src, "config", None), "model_type", None), type(src).__name__)
         hf_config, sd, source = src.config.to_dict(), src.state_dict(), type(src).__name__
-    return convert.load(sd, convert.make_config(HF, hf_config, sd, source, n_head, overrides), HF, source)
+    return convert.load(sd, convert.make_config(fmt, hf_config, sd, source, n_head, overrides), fmt, source)
 
 
-def read_hf_dir(directory) -> tuple[dict, dict, str]:
-    """(config, state dict, weights file) of a local HF model directory: model.safetensors or pytorch_model.bin."""
+def hf_format(model_type, source: str) -> Format:
+    if model_type not in MODEL_TYPES:
+        raise UserValueError(f"{source}: model_type is {model_type!r}, expected one of {list(MODEL_TYPES)}")
+    return MODEL_TYPES[model_type]
+
+
+def state_dict_format(state_dict) -> Format:
+    """Llama when its embedding is there (with or without the 'model.' prefix), else GPT-2."""
+    embedding = {key.removeprefix(COMPILED_PREFIX) for key in state_dict}
+    return LLAMA if {"model.embed_tokens.weight", "embed_tokens.weight"} & embedding else HF
+
+
+def read_hf_dir(directory) -> tuple[Format, dict, dict, str]:
+    """(format, config, state dict, weights file) of a local HF model directory: model.safetensors or
+    pytorch_model.bin, or their sharded forms (an .index.json naming the shards)."""
     import safetensors.torch
     import transformers
     config_path = os.path.join(directory, "config.json")
@@ -43,25 +60,40 @@ def read_hf_dir(directory) -> tuple[dict, dict, str]:
         raise UserFileNotFoundError(f"{directory} is not a Hugging Face model directory: config.json is missing")
     with open(config_path) as f:
         raw = json.load(f)
-    if raw.get("model_type") != "gpt2":
-        raise UserValueError(f"{config_path}: model_type is {raw.get('model_type')!r}, expected 'gpt2'")
-    hf_config = transformers.GPT2Config.from_dict(raw).to_dict()  # defaults filled in
+    fmt = hf_format(raw.get("model_type"), config_path)
+    hf_config = getattr(transformers, HF_CLASSES[fmt][0]).from_dict(raw).to_dict()  # defaults filled in
     for name, read in (("model.safetensors", safetensors.torch.load_file), ("pytorch_model.bin", convert.load_pickle)):
         if os.path.isfile(path := os.path.join(directory, name)):
-            return hf_config, read(path), path
+            return fmt, hf_config, read(path), path
+        if os.path.isfile(index := path + ".index.json"):
+            with open(index) as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+            return fmt, hf_config, {k: v for s in shards for k, v in read(os.path.join(directory, s)).items()}, index
     raise UserFileNotFoundError(f"{directory} holds neither model.safetensors nor pytorch_model.bin")
 
 
+def export_format(config: GPTConfig) -> Format:
+    """The Hugging Face format that expresses the model: GPT-2 or Llama; neither is an error naming the fields."""
+    problems = {fmt: convert.unsupported(config, fmt) for fmt in HF_CLASSES}
+    if fits := [fmt for fmt, p in problems.items() if not p]:
+        return fits[0]
+    raise UserValueError("no Hugging Face format expresses this model: " + "; ".join(  # the nearer first
+        f"as {fmt.name}, {', '.join(p)}" for fmt, p in sorted(problems.items(), key=lambda item: len(item[1]))))
+
+
 def to_hf(model: GPT):
-    """A transformers GPT2LMHeadModel (eval mode) with the model's weights; padded vocab rows are dropped."""
+    """A transformers GPT2LMHeadModel or LlamaForCausalLM (eval mode, whichever expresses the model's
+    architecture) with the model's weights; padded vocab rows are dropped."""
     import transformers
-    c = model.config
-    if not c.bias:
-        raise UserValueError("Hugging Face GPT-2 always has biases: export a bias=False model with to_nanogpt")
-    no_eos = {} if c.n_valid_vocab > 50256 else dict(bos_token_id=None, eos_token_id=None)  # token 50256 is eos
-    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(
-        **convert.export_config(c, HF), embd_pdrop=c.dropout, attn_pdrop=0.0, **no_eos))  # jaxgpt: no attn dropout
-    hf.load_state_dict(convert.state_dict(model, HF), strict=True)
+    c, fmt = model.config, export_format(model.config)
+    no_eos = {} if c.n_valid_vocab > 50256 else dict(bos_token_id=None, eos_token_id=None)  # 50256: GPT-2's eos
+    if fmt is HF:  # GPT2Config's bos and eos are 50256
+        extra = dict(embd_pdrop=c.dropout, attn_pdrop=0.0, **no_eos)  # jaxgpt: no attention dropout
+    else:  # LlamaConfig's are 1 and 2
+        extra = no_eos or dict(bos_token_id=50256, eos_token_id=50256)
+    config_class, model_class = (getattr(transformers, name) for name in HF_CLASSES[fmt])
+    hf = model_class(config_class(**convert.export_config(c, fmt), **extra))
+    hf.load_state_dict(convert.state_dict(model, fmt), strict=True)
     return hf.eval()
 
 
@@ -127,11 +159,10 @@ def to_nanogpt(model: GPT, path: str) -> str:
     """Writes a nanoGPT ckpt.pt (all vocab rows kept) that nanoGPT's GPT(GPTConfig(**model_args)) loads.
     'config' (nanoGPT keeps its training settings there) records valid_vocab_size for from_nanogpt."""
     c = model.config
+    convert.check_expressible(c, NANOGPT)
     if c.activation not in NANOGPT.activations.values():
         warnings.warn(f"nanoGPT computes the exact GELU; this model uses {c.activation}, so nanoGPT's logits will "
                       "differ from jaxgpt's", stacklevel=2)
-    if c.layer_norm_epsilon != 1e-5:
-        raise UserValueError(f"nanoGPT fixes layer_norm_epsilon at 1e-5; this model uses {c.layer_norm_epsilon}")
     torch.save({"model": convert.state_dict(model, NANOGPT), "model_args": convert.export_config(c, NANOGPT),
                 "iter_num": 0, "best_val_loss": float("inf"), "config": {"valid_vocab_size": c.valid_vocab_size}},
                path)

@@ -1,7 +1,8 @@
 """python -m torch_bridge import --from hf:DIR|nanogpt:FILE --out MODEL_DIR
    python -m torch_bridge export --ckpt MODEL_DIR --to hf:DIR|nanogpt:FILE [--tokenizer gpt2|DATA_DIR]
 
-An hf: export is complete (weights, tokenizer, generation config): transformers.pipeline loads it offline.
+An hf: directory holds GPT-2 or Llama (config.json's model_type says which); an hf: export writes whichever
+expresses the model. It is complete (weights, tokenizer, generation config): transformers.pipeline loads it offline.
 MODEL_DIR is a jaxgpt model directory (jaxgpt.checkpoint.save_model) or a training workdir; export's --ckpt also
 takes any weights spec of jaxgpt.loader (hf:DIR, nanogpt:FILE).
 """
@@ -44,11 +45,11 @@ class Parser(argparse.ArgumentParser):
 def main(argv=None) -> None:
     parser = Parser(prog="python -m torch_bridge", description=__doc__.split("\n\n")[1])
     commands = parser.add_subparsers(dest="command", required=True)
-    imp = commands.add_parser("import", help="PyTorch GPT-2 checkpoint -> jaxgpt model directory")
+    imp = commands.add_parser("import", help="PyTorch GPT-2 or Llama checkpoint -> jaxgpt model directory")
     imp.add_argument("--from", dest="source", type=parse_spec, required=True, metavar="hf:DIR|nanogpt:FILE")
     imp.add_argument("--out", required=True, metavar="MODEL_DIR")
-    imp.add_argument("--n-head", type=int, help="for bare state dicts whose n_embd matches no GPT-2 preset")
-    exp = commands.add_parser("export", help="jaxgpt model directory -> PyTorch GPT-2 checkpoint")
+    imp.add_argument("--n-head", type=int, help="for bare state dicts: Llama, or GPT-2 whose n_embd matches no preset")
+    exp = commands.add_parser("export", help="jaxgpt model directory -> PyTorch checkpoint")
     exp.add_argument("--ckpt", required=True, metavar="MODEL_DIR")
     exp.add_argument("--step", default="latest", help="a training workdir's checkpoint: latest, best or N")
     exp.add_argument("--to", type=parse_spec, required=True, metavar="hf:DIR|nanogpt:FILE")

@@ -43,9 +43,10 @@ class Ops:
     def of(cls, config) -> Ops:
         return cls(config.kernels, config.attention, config.dtype, config.activation)
 
-    def dense(self, x, kernel, bias=None):
-        """x (..., K) @ kernel (K, M) + bias -> (..., M) in the compute dtype, accumulated in float32."""
-        return KERNELS[self.kernels].dense(x, kernel, bias, self.dtype)
+    def dense(self, x, kernel, bias=None, n_in: int = 1):
+        """x (..., *K) @ kernel (*K, *M) + bias (*M) -> (..., *M), K being kernel's first n_in axes, in the compute
+        dtype, accumulated in float32."""
+        return KERNELS[self.kernels].dense(x, kernel, bias, self.dtype, n_in)
 
     def gelu(self, x):
         """GELU in its tanh (GPT-2) or exact (erf) form, in x's dtype."""
@@ -85,8 +86,18 @@ class Ops:
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=implementation)
 
+    def causal_attention_gqa(self, q, k, v):
+        """q (B, T, n_head, head_dim), k and v (B, T, n_kv_head, head_dim) -> y (B, T, n_head, head_dim); each
+        key/value head serves n_head // n_kv_head consecutive query heads."""
+        implementation = resolve_attention(self.attention, self.dtype)
+        if implementation == "blocked":
+            group = q.shape[2] // k.shape[2]
+            k, v = (jnp.repeat(t, group, axis=2) for t in (k, v))  # the blocked kernel takes one head count
+            return KERNELS[self.kernels].causal_attention(jnp.stack([q, k, v], axis=2))
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=implementation)
+
     def masked_attention(self, q, k, v, mask):
-        """q (B, T, n_head, head_dim) against k, v (B, S, n_head, head_dim) where mask (B, 1, T, S) holds."""
+        """q (B, T, n_head, head_dim) against k, v (B, S, n_kv_head, head_dim) where mask (B, 1, T, S) holds."""
         return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=resolve_attention(
             self.attention, self.dtype, masked=True))
 

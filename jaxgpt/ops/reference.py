@@ -6,8 +6,8 @@ import jax
 import jax.numpy as jnp
 
 
-def dense(x, kernel, bias, dtype):
-    y = jnp.einsum("...k,km->...m", x.astype(dtype), kernel.astype(dtype), preferred_element_type=jnp.float32)
+def dense(x, kernel, bias, dtype, n_in=1):
+    y = jnp.tensordot(x.astype(dtype), kernel.astype(dtype), n_in, preferred_element_type=jnp.float32)
     if bias is not None:
         y = y + bias
     return y.astype(dtype)

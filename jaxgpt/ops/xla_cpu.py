@@ -9,6 +9,7 @@ The layout workarounds switch off on other backends and on multi-device meshes, 
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -18,12 +19,48 @@ from jaxgpt import sharding
 NEG_INF = -0.7 * float(jnp.finfo(jnp.float32).max)  # the mask value jax.nn.dot_product_attention uses
 
 
-def dense(x, kernel, bias, dtype):
-    x2 = x.reshape(-1, x.shape[-1]).astype(dtype)  # 2-D: XLA-CPU differentiates it faster than the batched form
-    y = matmul(x2, kernel)  # (N, M) float32
+def dense(x, kernel, bias, dtype, n_in=1):
+    lead, k_in, k_out = x.shape[:x.ndim - n_in], kernel.shape[:n_in], kernel.shape[n_in:]
+    mesh = sharding.current_mesh()
+    if kernel.ndim > 2 and not (mesh.empty or mesh.size == 1):
+        # on a mesh, flattening (3, heads, head_dim) would merge a sharded heads axis into one that cannot be split
+        y = _contract(x.astype(dtype), kernel, n_in)
+    else:  # 2-D: XLA-CPU differentiates it faster than the batched form
+        y = matmul(x.reshape(-1, math.prod(k_in)).astype(dtype), kernel.reshape(math.prod(k_in), -1))
+        y = y.reshape(*lead, *k_out)  # float32
     if bias is not None:
         y = y + bias
-    return y.reshape(*x.shape[:-1], y.shape[-1]).astype(dtype)
+    return y.astype(dtype)
+
+
+def _contract(x, w, n_in: int):
+    """x's last n_in axes against w's first n_in, accumulated in float32 (the half-precision backward as matmul)."""
+    if x.dtype == jnp.float32:
+        return jnp.tensordot(x, w.astype(jnp.float32), n_in, preferred_element_type=jnp.float32)
+    return _half_contract(x, w, n_in)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _half_contract(x, w, n_in):
+    return jnp.tensordot(x, w.astype(x.dtype), n_in, preferred_element_type=jnp.float32)
+
+
+def _half_contract_fwd(x, w, n_in):
+    return _half_contract(x, w, n_in), (x, w)
+
+
+def _half_contract_bwd(n_in, residuals, g):
+    x, w = residuals
+    g, w_half = g.astype(x.dtype), w.astype(x.dtype)  # g: (*lead, *out)
+    n_lead = x.ndim - n_in
+    out_g, out_w = tuple(range(n_lead, g.ndim)), tuple(range(n_in, w.ndim))
+    dx = jax.lax.dot_general(g, w_half, ((out_g, out_w), ((), ())), preferred_element_type=jnp.float32)
+    lead = tuple(range(n_lead))
+    dw = jax.lax.dot_general(x, g, ((lead, lead), ((), ())), preferred_element_type=jnp.float32)
+    return dx.astype(x.dtype), dw.astype(w.dtype)  # x's and w's shapes
+
+
+_half_contract.defvjp(_half_contract_fwd, _half_contract_bwd)
 
 
 def gelu(x, approximate: bool):
