@@ -39,7 +39,8 @@ def get_config() -> ConfigDict:
     c.data.dir = "data/shakespeare_char"  # prepared shards (train_*.bin, val_*.bin, tokenizer.json)
     c.data.dataset = "auto"  # when dir is empty, prepare it from: auto | tinyshakespeare | stdlib_docs | text
     c.data.input = ""  # local text file or glob used by dataset=text (and auto, when given)
-    c.data.tokenizer = "char"  # tokenizer used when preparing: char | gpt2
+    c.data.tokenizer = "char"  # tokenizer used when preparing: char | gpt2 | bpe (trained on the data)
+    c.data.vocab_size = 0  # bpe: its vocabulary size (257..65536)
 
     c.batch_size = 12  # sequences per micro-batch, summed over all devices and hosts (see device_batch_size)
     c.grad_accum_steps = 1  # micro-batches per optimizer step (tokens/step = batch_size * block_size * this)

@@ -209,7 +209,7 @@ def prepare_data(config: ConfigDict, is_main: bool):
             raise UserFileNotFoundError(f"data.dir={d.dir} does not exist; prepare it before a multi-process launch: "
                                         f"python -m jaxgpt.prepare --out={d.dir} ...")
         log(is_main, f"data.dir={d.dir} does not exist: preparing it from data.dataset={d.dataset!r}")
-        prepare.prepare(d.dir, dataset=d.dataset, input=d.input or None, tokenizer=d.tokenizer)
+        prepare.prepare(d.dir, dataset=d.dataset, input=d.input or None, tokenizer=d.tokenizer, vocab_size=d.vocab_size)
     elif not data.has_shards(d.dir):
         held = sorted(os.listdir(d.dir)) if os.path.isdir(d.dir) else None
         what = "is not a directory" if held is None else f"holds {held[:8] if held else 'nothing'}"
