@@ -72,10 +72,14 @@ class Trainer:
     @functools.cache  # noqa: B019 -- the trainer lives for the whole run
     def _pretrained(self) -> model.GPT:
         pretrained = loader.load(self.config.init_from, **loader.compute_overrides(self.config.model))
-        if pretrained.config.n_valid_vocab < self.tokenizer.vocab_size:
-            raise UserValueError(f"init_from={self.config.init_from!r} has {pretrained.config.n_valid_vocab} tokens "
-                                 f"but the data's tokenizer ({self.tokenizer.name}) has {self.tokenizer.vocab_size}")
-        return pretrained
+        n, tok = pretrained.config.n_valid_vocab, self.tokenizer
+        gpt2_weights = n >= tokenizer.GPT2_VOCAB_SIZE
+        if (tok.name == "gpt2") != gpt2_weights or (tok.name != "gpt2" and n != tok.vocab_size):
+            raise UserValueError(
+                f"init_from={self.config.init_from!r} has {'GPT-2 BPE weights' if gpt2_weights else f'{n} tokens'} "
+                f"but data.dir={self.data_dir}'s tokenizer is {tok.name} with {tok.vocab_size} tokens: the token ids "
+                "mean different things; prepare the data with the weights' tokenizer (--tokenizer=gpt2)")
+        return loader.crop_block_size(pretrained, self.config.model.block_size)  # nanoGPT's crop_block_size
 
     def initial_state(self) -> tuple[TrainState, int]:
         """Resumes from the workdir's latest checkpoint when there is one, else starts per init_from."""
