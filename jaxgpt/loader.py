@@ -29,7 +29,15 @@ def model_config(config: ConfigDict, vocab_size: int) -> model.GPTConfig:
     if rows < vocab_size:
         raise UserValueError(f"model.vocab_size={rows} is smaller than the tokenizer's vocabulary ({vocab_size})")
     return model.GPTConfig(vocab_size=rows, valid_vocab_size=vocab_size, block_size=m.block_size,
-                           **{name: m[name] for name in ARCHITECTURE_FIELDS}, **shape, **compute_overrides(m))
+                           **{name: m[name] for name in ARCHITECTURE_FIELDS}, **shape, **compute_overrides(m),
+                           **lora_fields(config))
+
+
+def lora_fields(config: ConfigDict) -> dict:
+    """The GPTConfig fields of a training config's lora section."""
+    lora = config.lora
+    return dict(lora_rank=lora.rank, lora_alpha=lora.alpha,
+                lora_targets=tuple(t.strip() for t in lora.targets.split(",") if t.strip()))
 
 
 def compute_overrides(model_section: ConfigDict) -> dict:

@@ -56,7 +56,7 @@ class Trainer:
 
     def _model_config(self) -> model.GPTConfig:
         if loader.is_weights_spec(self.config.init_from):  # the architecture comes from the weights
-            return self._pretrained().config
+            return dataclasses.replace(self._pretrained().config, **loader.lora_fields(self.config))
         return loader.model_config(self.config, self.tokenizer.vocab_size)
 
     def _check_batch(self):
@@ -96,7 +96,10 @@ class Trainer:
         if self.config.init_from == "scratch":
             params = None  # drawn inside fresh_state's one jitted call
         elif loader.is_weights_spec(self.config.init_from):
-            params = jax.device_put(nnx.state(self._pretrained(), nnx.Param), self.steps.state_sharding.params)
+            params = nnx.state(self._pretrained(), nnx.Param)
+            if self.model_config.lora_rank:  # fresh adapters beside the pretrained weights
+                params = model.with_weights(model.build(self.model_config, self.config.seed), params)
+            params = jax.device_put(params, self.steps.state_sharding.params)
         else:
             raise UserValueError(f"init_from={self.config.init_from!r}: expected scratch, resume, hf:DIR, "
                                  "nanogpt:FILE or ckpt:DIR")
@@ -105,6 +108,7 @@ class Trainer:
     def _check_fits(self, saved: dict, step: int):
         """A workdir's checkpoint must be of this config's model (compute-only fields may differ)."""
         ours = dataclasses.asdict(self.model_config)
+        saved = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()}  # JSON keeps tuples as lists
         if diff := [f"{k}={saved.get(k)!r} there, {v!r} here" for k, v in ours.items()
                     if k not in model.COMPUTE_FIELDS and saved.get(k, v) != v]:
             raise UserValueError(f"{self.workdir} holds a checkpoint (step {step}) of another model: "
