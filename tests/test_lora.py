@@ -28,6 +28,13 @@ def setup(tmp_path_factory, make_hf_gpt2):
     return root, data
 
 
+@pytest.fixture(scope="module")
+def whole(setup):
+    """A 4-step LoRA run from the HF weights: (its workdir, its final state)."""
+    root, data = setup
+    return root / "whole", train.train(lora_config(data, root / "hf"), str(root / "whole"))
+
+
 def lora_config(data, hf_dir, **overrides):
     config = importlib.import_module("configs.tiny").get_config()
     config.update_from_flattened_dict({"data.dir": data, "init_from": f"hf:{hf_dir}", "lora.rank": 4,
@@ -36,10 +43,10 @@ def lora_config(data, hf_dir, **overrides):
     return config
 
 
-def test_only_the_adapters_train_and_the_base_stays_bit_identical(setup):
-    root, data = setup
+def test_only_the_adapters_train_and_the_base_stays_bit_identical(setup, whole):
+    root, _ = setup
     base = flat(nnx.state(loader.crop_block_size(torch_bridge.from_hf(str(root / "hf")), 32), nnx.Param))
-    state = train.train(lora_config(data, root / "hf"), str(root / "run"))
+    state = whole[1]
     after = flat(state.params)
     adapters = {k for k in after if k[-1] in ("lora_a", "lora_b")}
     assert adapters and set(after) - adapters == set(base)
@@ -64,21 +71,17 @@ def dataclasses_replace(config, **fields):
     return dataclasses.replace(config, **fields)
 
 
-def test_resume_is_bit_exact(setup):
+def test_resume_is_bit_exact(setup, whole):
     root, data = setup
-    whole = train.train(lora_config(data, root / "hf"), str(root / "whole"))
     train.train(lora_config(data, root / "hf", max_steps=2), str(root / "halves"))
     resumed = train.train(lora_config(data, root / "hf"), str(root / "halves"))
-    a, b = flat(whole.params), flat(resumed.params)
+    a, b = flat(whole[1].params), flat(resumed.params)
     assert all(np.array_equal(a[k], b[k]) for k in a)
 
 
-def test_export_merges_the_adapters_and_sample_uses_the_run(setup, tmp_path):
+def test_export_merges_the_adapters_and_sample_uses_the_run(whole, tmp_path):
     import torch
-    root, data = setup
-    run = root / "export_run"
-    train.train(lora_config(data, root / "hf"), str(run))
-    lora = checkpoint.load_model(str(run))  # what `sample --ckpt=WORKDIR` and `evaluate --ckpt=WORKDIR` load
+    lora = checkpoint.load_model(str(whole[0]))  # what `sample --ckpt=WORKDIR` and `evaluate --ckpt=WORKDIR` load
     assert lora.config.lora_rank == 4
     hf_dir = torch_bridge.save_hf(lora, str(tmp_path / "hf"))
     import transformers
