@@ -35,11 +35,17 @@ def get_config() -> ConfigDict:
     c.model.kernels = "fast"  # fast | reference: the kernel set (reference: plain jnp, for checking)
     c.model.loss_chunk = 4096  # tokens per device whose float32 logits the loss holds at once; 0: all of them
 
+    c.lora = ConfigDict()
+    c.lora.rank = 0  # >0: train only low-rank adapters (nnx.LoRAParam) beside the targets' kernels
+    c.lora.alpha = 16.0  # the adapters add (alpha / rank) * x @ A @ B
+    c.lora.targets = "attn"  # comma list: attn (c_attn or q/k/v, attn.c_proj), mlp (c_fc, c_gate, mlp.c_proj)
+
     c.data = ConfigDict()
     c.data.dir = "data/shakespeare_char"  # prepared shards (train_*.bin, val_*.bin, tokenizer.json)
     c.data.dataset = "auto"  # when dir is empty, prepare it from: auto | tinyshakespeare | stdlib_docs | text
     c.data.input = ""  # local text file or glob used by dataset=text (and auto, when given)
-    c.data.tokenizer = "char"  # tokenizer used when preparing: char | gpt2
+    c.data.tokenizer = "char"  # tokenizer used when preparing: char | gpt2 | bpe (trained on the data)
+    c.data.vocab_size = 0  # bpe: its vocabulary size (257..65536)
 
     c.batch_size = 12  # sequences per micro-batch, summed over all devices and hosts (see device_batch_size)
     c.grad_accum_steps = 1  # micro-batches per optimizer step (tokens/step = batch_size * block_size * this)

@@ -29,7 +29,15 @@ def model_config(config: ConfigDict, vocab_size: int) -> model.GPTConfig:
     if rows < vocab_size:
         raise UserValueError(f"model.vocab_size={rows} is smaller than the tokenizer's vocabulary ({vocab_size})")
     return model.GPTConfig(vocab_size=rows, valid_vocab_size=vocab_size, block_size=m.block_size,
-                           **{name: m[name] for name in ARCHITECTURE_FIELDS}, **shape, **compute_overrides(m))
+                           **{name: m[name] for name in ARCHITECTURE_FIELDS}, **shape, **compute_overrides(m),
+                           **lora_fields(config))
+
+
+def lora_fields(config: ConfigDict) -> dict:
+    """The GPTConfig fields of a training config's lora section."""
+    lora = config.lora
+    return dict(lora_rank=lora.rank, lora_alpha=lora.alpha,
+                lora_targets=tuple(t.strip() for t in lora.targets.split(",") if t.strip()))
 
 
 def compute_overrides(model_section: ConfigDict) -> dict:
@@ -56,3 +64,18 @@ def load(spec: str, step: str | int | None = None, **overrides) -> model.GPT:
         raise UserValueError(f"step={step!r}: {spec!r} holds one set of weights; steps belong to training workdirs")
     import torch_bridge
     return (torch_bridge.from_hf if kind == "hf" else torch_bridge.from_nanogpt)(path, **overrides)
+
+
+def crop_block_size(m: model.GPT, block_size: int) -> model.GPT:
+    """The model for sequences up to block_size < its own, as nanoGPT's crop_block_size: wpe keeps its first rows."""
+    import dataclasses
+
+    from flax import nnx
+    if block_size >= m.config.block_size:
+        return m
+    state = nnx.state(m, nnx.Param).to_pure_dict()
+    if "wpe" in state:
+        state["wpe"]["embedding"] = state["wpe"]["embedding"][:block_size]
+    graphdef, target = nnx.split(model.abstract(dataclasses.replace(m.config, block_size=block_size)))
+    target.replace_by_pure_dict(state)
+    return nnx.merge(graphdef, target)

@@ -64,6 +64,9 @@ class GPTConfig:
     rope_theta: float = 10000.0  # rotary base
     n_kv_head: int = 0  # 0: GPT-2's fused c_attn; n: separate q/k/v projections with n key/value heads (GQA)
     tie_embeddings: bool = True  # the head is wte; False: its own lm_head (V, C)
+    lora_rank: int = 0  # >0: low-rank adapters (nnx.LoRAParam) beside the lora_targets' kernels
+    lora_alpha: float = 16.0  # adapters add (lora_alpha / lora_rank) * x @ A @ B
+    lora_targets: tuple[str, ...] = ("attn",)  # attn (c_attn or q/k/v, attn.c_proj) and/or mlp (c_fc, c_gate, c_proj)
 
     def __post_init__(self):
         if self.n_embd % self.n_head:
@@ -74,6 +77,10 @@ class GPTConfig:
             raise UserValueError(f"valid_vocab_size={self.valid_vocab_size} must be positive")
         if self.n_kv_head < 0 or (self.n_kv_head and self.n_head % self.n_kv_head):
             raise UserValueError(f"n_kv_head={self.n_kv_head} must be 0 (fused c_attn) or divide n_head={self.n_head}")
+        object.__setattr__(self, "lora_targets", tuple(self.lora_targets))  # a list when read back from JSON
+        if self.lora_rank < 0 or not set(self.lora_targets) <= {"attn", "mlp"} or not self.lora_targets:
+            raise UserValueError(f"lora_rank={self.lora_rank}, lora_targets={self.lora_targets}: the rank must be >= 0 "
+                                 "and the targets a non-empty set of attn, mlp")
         if self.positions == "rope" and self.head_dim % 2:
             raise UserValueError(f"rotary positions need an even head_dim, got {self.head_dim}")
         for name, allowed in (("remat", REMAT_POLICIES), ("attention", ATTENTION), ("kernels", KERNELS),
@@ -119,16 +126,30 @@ class Linear(nnx.Module):
     """x @ kernel + bias with the kernel stored [in..., out...] (HF Conv1D's [in, out], heads kept as an axis):
     d_in and d_out are ints or shapes, x's last len(d_in) axes are contracted."""
 
-    def __init__(self, d_in, d_out, axes, config: GPTConfig, *, rngs: nnx.Rngs, std: float | None = None):
+    def __init__(self, d_in, d_out, axes, config: GPTConfig, *, rngs: nnx.Rngs, std: float | None = None,
+                 lora: str | None = None):
         d_in, d_out = _shape(d_in), _shape(d_out)
         init = jax.nn.initializers.normal(config.init_std if std is None else std)
         self.kernel = param(init, axes, (*d_in, *d_out), config, rngs)
         self.bias = (param(jax.nn.initializers.zeros, axes[len(d_in):], d_out, config, rngs) if config.bias
                      else None)
         self.n_in, self.ops = len(d_in), Ops.of(config)
+        self.lora_scale = None
+        if config.lora_rank and lora in config.lora_targets:  # B starts at 0: the adapted layer is the layer
+            r = config.lora_rank
+            a_init = jax.nn.initializers.variance_scaling(1.0, "fan_in", "normal", in_axis=tuple(range(len(d_in))))
+            self.lora_a = nnx.LoRAParam(nnx.with_partitioning(a_init, (*axes[:len(d_in)], None))(
+                rngs.params(), (*d_in, r), config.param_dtype))
+            self.lora_b = nnx.LoRAParam(nnx.with_partitioning(jax.nn.initializers.zeros, (None, *axes[len(d_in):]))(
+                rngs.params(), (r, *d_out), config.param_dtype))
+            self.lora_scale = config.lora_alpha / r
 
     def __call__(self, x):
-        return self.ops.dense(x, self.kernel[...], None if self.bias is None else self.bias[...], self.n_in)
+        y = self.ops.dense(x, self.kernel[...], None if self.bias is None else self.bias[...], self.n_in)
+        if self.lora_scale is None:
+            return y
+        h = self.ops.dense(x, self.lora_a[...], None, self.n_in)  # (..., r)
+        return y + (self.lora_scale * self.ops.dense(h, self.lora_b[...], None, 1)).astype(y.dtype)
 
 
 def _shape(d) -> tuple[int, ...]:
@@ -195,12 +216,12 @@ class CausalSelfAttention(nnx.Module):
     def __init__(self, config: GPTConfig, *, rngs: nnx.Rngs):
         C, H, D, K = config.n_embd, config.n_head, config.head_dim, config.n_kv_head
         if K:  # separate projections: each of the K key/value heads serves H // K query heads
-            self.q_proj = Linear(C, (H, D), ("embed", "heads", None), config, rngs=rngs)
-            self.k_proj = Linear(C, (K, D), ("embed", "kv_heads", None), config, rngs=rngs)
-            self.v_proj = Linear(C, (K, D), ("embed", "kv_heads", None), config, rngs=rngs)
+            self.q_proj = Linear(C, (H, D), ("embed", "heads", None), config, rngs=rngs, lora="attn")
+            self.k_proj = Linear(C, (K, D), ("embed", "kv_heads", None), config, rngs=rngs, lora="attn")
+            self.v_proj = Linear(C, (K, D), ("embed", "kv_heads", None), config, rngs=rngs, lora="attn")
         else:
-            self.c_attn = Linear(C, (3, H, D), ("embed", None, "heads", None), config, rngs=rngs)
-        self.c_proj = Linear((H, D), C, ("heads", None, "embed"), config, rngs=rngs,
+            self.c_attn = Linear(C, (3, H, D), ("embed", None, "heads", None), config, rngs=rngs, lora="attn")
+        self.c_proj = Linear((H, D), C, ("heads", None, "embed"), config, rngs=rngs, lora="attn",
                              std=config.init_std / math.sqrt(2 * config.n_layer))
         self.config, self.ops = config, Ops.of(config)
 
@@ -226,9 +247,9 @@ class MLP(nnx.Module):
     def __init__(self, config: GPTConfig, *, rngs: nnx.Rngs):
         C, F = config.n_embd, config.mlp_dim
         if config.mlp == "swiglu":
-            self.c_gate = Linear(C, F, ("embed", "mlp"), config, rngs=rngs)
-        self.c_fc = Linear(C, F, ("embed", "mlp"), config, rngs=rngs)
-        self.c_proj = Linear(F, C, ("mlp", "embed"), config, rngs=rngs,
+            self.c_gate = Linear(C, F, ("embed", "mlp"), config, rngs=rngs, lora="mlp")
+        self.c_fc = Linear(C, F, ("embed", "mlp"), config, rngs=rngs, lora="mlp")
+        self.c_proj = Linear(F, C, ("mlp", "embed"), config, rngs=rngs, lora="mlp",
                              std=config.init_std / math.sqrt(2 * config.n_layer))
         self.swiglu, self.ops = config.mlp == "swiglu", Ops.of(config)
 
@@ -350,6 +371,33 @@ def token_nll(logits, targets):
 def cross_entropy(logits, targets):
     """Mean token loss in float32; targets < 0 are ignored."""
     return jnp.sum(token_nll(logits, targets)) / jnp.maximum(jnp.sum(targets >= 0), 1)
+
+
+def with_weights(m: GPT, weights: nnx.State) -> nnx.State:
+    """m's parameters with those `weights` names replaced by them (a LoRA model's base from a pretrained one)."""
+    from flax.traverse_util import flatten_dict, unflatten_dict
+    ours, theirs = flatten_dict(nnx.state(m, nnx.Param).to_pure_dict()), flatten_dict(weights.to_pure_dict())
+    state = nnx.state(m, nnx.Param)
+    state.replace_by_pure_dict(unflatten_dict({**ours, **theirs}))
+    return state
+
+
+def merge_lora(m: GPT) -> GPT:
+    """The model with each adapter folded into its kernel, W + (lora_alpha / lora_rank) * A @ B, and no adapters:
+    what an exported checkpoint holds."""
+    from flax.traverse_util import flatten_dict, unflatten_dict
+    cfg = m.config
+    if not cfg.lora_rank:
+        return m
+    values = flatten_dict(nnx.state(m, nnx.Param).to_pure_dict())
+    contract = (lambda a, b: jnp.tensordot(a, b, 1)) if not cfg.scan_layers else jax.vmap(
+        lambda a, b: jnp.tensordot(a, b, 1))  # scan_layers: one adapter per stacked layer
+    for path in [p for p in values if p[-1] == "lora_a"]:
+        a, b, kernel = values.pop(path), values.pop((*path[:-1], "lora_b")), (*path[:-1], "kernel")
+        values[kernel] = (values[kernel] + cfg.lora_alpha / cfg.lora_rank * contract(a, b)).astype(values[kernel].dtype)
+    graphdef, target = nnx.split(abstract(dataclasses.replace(cfg, lora_rank=0)))
+    target.replace_by_pure_dict(unflatten_dict(values))
+    return nnx.merge(graphdef, target)
 
 
 def num_params(model: GPT) -> int:

@@ -28,9 +28,11 @@ from tqdm import tqdm
 
 # jaxgpt.data (grain, jax) is imported where shards are written: the tokenizing processes import this module.
 from jaxgpt.errors import UserFileExistsError, UserFileNotFoundError, UserRuntimeError, UserValueError
-from jaxgpt.tokenizer import TOKENIZER_FILE, CharTokenizer, Tokenizer, get_tokenizer
+from jaxgpt.tokenizer import TOKENIZER_FILE, CharTokenizer, Tokenizer, from_json, get_tokenizer, train_bpe
 
 DATASETS = ("auto", "text", "tinyshakespeare", "stdlib_docs", "fineweb_edu")  # and hf:PATH_OR_NAME
+TOKENIZERS = ("char", "gpt2", "bpe")
+BPE_SAMPLE_CHARS = 10**9  # characters of an hf stream a BPE is trained on
 HF_PRESETS = {"fineweb_edu": ("HuggingFaceFW/fineweb-edu", "sample-10BT")}  # dataset -> (hf path or name, config)
 # A local data file or glob is read by datasets' builder for its format (a directory or a hub name goes as it is).
 HF_FILE_BUILDERS = {".parquet": ("parquet", {}), ".jsonl": ("json", {}), ".json": ("json", {}), ".csv": ("csv", {}),
@@ -50,7 +52,7 @@ STDLIB_SKIP = frozenset({"antigravity", "this", "tkinter", "turtle", "turtledemo
 def prepare(out_dir: str, *, dataset: str = "auto", input: str | None = None, tokenizer: str = "char",
             val_fraction: float = 0.1, shard_size: int = DEFAULT_SHARD_SIZE, overwrite: bool = False,
             num_proc: int = 0, max_shards: int = 0, hf_config: str | None = None, hf_split: str = "train",
-            text_field: str = "text") -> str:
+            text_field: str = "text", vocab_size: int = 0, bpe_sample_chars: int = BPE_SAMPLE_CHARS) -> str:
     """Tokenizes a dataset into shards in out_dir and writes out_dir/tokenizer.json; returns out_dir.
 
     dataset: auto (--input if given, else tinyshakespeare if it can be downloaded, else stdlib_docs) | text
@@ -58,12 +60,17 @@ def prepare(out_dir: str, *, dataset: str = "auto", input: str | None = None, to
     `datasets.load_dataset` takes: a hub name with config hf_config, a local directory, data files or a glob of
     them; rows' text in text_field; streamed; gpt2 only; max_shards > 0 stops early; its first shard is the
     validation split, as llm.c) | fineweb_edu (hf:HuggingFaceFW/fineweb-edu, config sample-10BT).
-    num_proc: GPT-2 tokenizing processes; 0: half the CPUs, or this process alone for a text input under
+    tokenizer: char | gpt2 | bpe (a byte-level BPE of vocab_size tokens trained here with Hugging Face tokenizers,
+    on the train text, or on the first bpe_sample_chars characters of an hf stream).
+    num_proc: GPT-2 / BPE tokenizing processes; 0: half the CPUs, or this process alone for a text input under
     PARALLEL_MIN_CHARS characters.
     """
     hf = _hf_source(dataset, hf_config)
-    if tokenizer not in ("gpt2", "char"):
-        raise UserValueError(f"unknown tokenizer {tokenizer!r}: expected 'gpt2' or 'char'")
+    if tokenizer not in TOKENIZERS:
+        raise UserValueError(f"unknown tokenizer {tokenizer!r}: expected one of {TOKENIZERS}")
+    if (tokenizer == "bpe") != bool(vocab_size):
+        raise UserValueError(f"--vocab_size={vocab_size}: --tokenizer=bpe needs a --vocab_size (e.g. 8192), and only "
+                             f"bpe takes one (the {tokenizer} tokenizer's vocabulary is fixed)")
     if not 0 < val_fraction < 1:
         raise UserValueError(f"val_fraction={val_fraction} must lie strictly between 0 and 1")
     if shard_size < 1:
@@ -71,8 +78,8 @@ def prepare(out_dir: str, *, dataset: str = "auto", input: str | None = None, to
     if num_proc < 0:
         raise UserValueError(f"num_proc={num_proc} must be 0 (automatic) or a number of processes")
     if hf:
-        if tokenizer != "gpt2":
-            raise UserValueError(f"--dataset={dataset} is prepared with --tokenizer=gpt2 only (a char vocabulary "
+        if tokenizer == "char":
+            raise UserValueError(f"--dataset={dataset} is prepared with --tokenizer=gpt2 or bpe (a char vocabulary "
                                  "would need the whole stream read first)")
         if input:
             raise UserValueError(f"--input does not apply to --dataset={dataset}: name the data in "
@@ -81,8 +88,10 @@ def prepare(out_dir: str, *, dataset: str = "auto", input: str | None = None, to
             raise UserValueError(f"max_shards={max_shards}: expected 0 (the whole split) or at least 2 (the "
                                  "validation shard and a train shard)")
         with _staging(out_dir, overwrite) as staging:
-            _prepare_hf(staging, *hf, hf_split, text_field, shard_size, num_proc or _half_the_cpus(), max_shards)
-            get_tokenizer("gpt2").save(staging)
+            tok = (get_tokenizer("gpt2") if tokenizer == "gpt2" else
+                   _train_bpe_on_hf(*hf, hf_split, text_field, vocab_size, bpe_sample_chars))
+            _prepare_hf(staging, tok, *hf, hf_split, text_field, shard_size, num_proc or _half_the_cpus(), max_shards)
+            tok.save(staging)
         return out_dir
     if hf_config or hf_split != "train" or text_field != "text" or max_shards:
         raise UserValueError("--hf_config, --hf_split, --text_field and --max_shards apply to --dataset=hf:... "
@@ -93,11 +102,15 @@ def prepare(out_dir: str, *, dataset: str = "auto", input: str | None = None, to
         docs = ["\n\n".join(docs)]  # a char vocabulary has no end-of-text token: a blank line separates documents
         tok, num_proc = CharTokenizer.from_text(docs[0]), 1
     else:
-        tok = get_tokenizer("gpt2")
         num_proc = num_proc or (1 if sum(map(len, docs)) < PARALLEL_MIN_CHARS else _half_the_cpus())
     train_docs, val_docs = split_documents(docs, val_fraction)
-    with _staging(out_dir, overwrite) as staging, _gpt2_encoder(num_proc) as gpt2_encode:
-        encode = gpt2_encode if tok.name == "gpt2" else None
+    if tokenizer == "gpt2":
+        tok = get_tokenizer("gpt2")
+    elif tokenizer == "bpe":
+        logging.info("training a %d-token byte-level BPE on %d characters", vocab_size, sum(map(len, train_docs)))
+        tok = train_bpe(train_docs, vocab_size)
+    with _staging(out_dir, overwrite) as staging, _encoder(tok, num_proc) as pool_encode:
+        encode = pool_encode if tok.name != "char" else None
         for split, split_docs in (("train", train_docs), ("val", val_docs)):
             tokens = encode_documents(tok, split_docs, desc=f"tokenizing {split}", encode=encode)
             _write_split(staging, split, tokens, shard_size)
@@ -137,7 +150,7 @@ def split_documents(docs: list[str], val_fraction: float) -> tuple[list[str], li
 def encode_documents(tok: Tokenizer, docs: list[str], desc: str = "tokenizing", encode=None) -> np.ndarray:
     """All documents' tokens as uint16, separated by the end-of-text token when the tokenizer has one. Long
     documents are encoded in pieces (split_text), which leaves their tokens unchanged; `encode` maps the pieces to
-    their tokens, in order (_gpt2_encoder's, in processes), by default with tok.encode in this process."""
+    their tokens, in order (_encoder's, in processes), by default with tok.encode in this process."""
     if not docs:
         raise UserValueError("nothing to tokenize: the split is empty (a too small input, or val_fraction too close "
                              "to 0 or 1)")
@@ -178,18 +191,27 @@ def split_text(text: str):
 
 
 @contextlib.contextmanager
-def _gpt2_encoder(num_proc: int):
-    """encode(texts, chunksize=1): the texts' GPT-2 tokens (uint16 arrays), lazily and in order, from num_proc
-    spawned processes (not forked: a parent running JAX's threads can deadlock a fork), or this one for 1."""
+def _encoder(tok: Tokenizer, num_proc: int):
+    """encode(texts, chunksize=1): the texts' tokens (uint16 arrays), lazily and in order, from num_proc spawned
+    processes (not forked: a parent running JAX's threads can deadlock a fork), or this one for 1. The processes
+    rebuild the tokenizer from its JSON."""
     if num_proc <= 1:
-        yield lambda texts, chunksize=1: map(_encode_gpt2, texts)
+        yield lambda texts, chunksize=1: (np.asarray(tok.encode(t), dtype=np.uint16) for t in texts)
         return
-    with multiprocessing.get_context("spawn").Pool(num_proc) as pool:
-        yield lambda texts, chunksize=1: pool.imap(_encode_gpt2, texts, chunksize=chunksize)
+    with multiprocessing.get_context("spawn").Pool(num_proc, _init_worker, (tok.to_json(),)) as pool:
+        yield lambda texts, chunksize=1: pool.imap(_encode_in_worker, texts, chunksize=chunksize)
 
 
-def _encode_gpt2(text: str) -> np.ndarray:
-    return np.asarray(get_tokenizer("gpt2").encode(text), dtype=np.uint16)
+_worker_tokenizer: Tokenizer | None = None
+
+
+def _init_worker(spec: dict) -> None:
+    global _worker_tokenizer
+    _worker_tokenizer = from_json(spec)
+
+
+def _encode_in_worker(text: str) -> np.ndarray:
+    return np.asarray(_worker_tokenizer.encode(text), dtype=np.uint16)
 
 
 def _write_split(out_dir: str, split: str, tokens: np.ndarray, shard_size: int) -> None:
@@ -339,8 +361,25 @@ def stdlib_docstrings() -> list[str]:
     return docs
 
 
-def _prepare_hf(out_dir: str, path: str, config: str | None, split: str, text_field: str, shard_size: int,
-                num_proc: int, max_shards: int) -> None:
+def _train_bpe_on_hf(path: str, config: str | None, split: str, text_field: str, vocab_size: int,
+                     sample_chars: int) -> Tokenizer:
+    """A BPE trained on the first documents of the stream, up to sample_chars characters."""
+    label = f"hf:{path}" + (f" (config {config})" if config else "")
+
+    def sample():
+        seen = 0
+        for text in _hf_texts(_load_hf(path, config, split), text_field, label):
+            if seen >= sample_chars:
+                return
+            seen += len(text)
+            yield text
+    logging.info("%s: training a %d-token byte-level BPE on up to %d characters of it", label, vocab_size,
+                 sample_chars)
+    return train_bpe(sample(), vocab_size)
+
+
+def _prepare_hf(out_dir: str, tok: Tokenizer, path: str, config: str | None, split: str, text_field: str,
+                shard_size: int, num_proc: int, max_shards: int) -> None:
     """A Hugging Face dataset split, streamed and tokenized in num_proc processes into shards of shard_size tokens,
     as llm.c's fineweb.py: every document starts with <|endoftext|>, documents may straddle shards, and shard 0
     (val_000000.bin) is the validation split, followed by train_000001.bin, ..."""
@@ -348,9 +387,9 @@ def _prepare_hf(out_dir: str, path: str, config: str | None, split: str, text_fi
     stream = _load_hf(path, config, split)
     logging.info("%s: streaming split %s with %d tokenizing process(es); --val_fraction is ignored (the first shard "
                  "is the validation split)", label, split, num_proc)
-    eot = np.asarray([get_tokenizer("gpt2").eot], dtype=np.uint16)
+    eot = np.asarray([tok.eot], dtype=np.uint16)
     written, total = 0, 0
-    with _gpt2_encoder(num_proc) as encode:
+    with _encoder(tok, num_proc) as encode:
         docs = tqdm(encode(_hf_texts(stream, text_field, label), chunksize=16), desc=label, unit="doc")
         shards = _fill_shards((t for doc in docs for t in (eot, doc)), shard_size)
         for shard in itertools.islice(shards, max_shards or None):
@@ -413,7 +452,8 @@ def main(argv):
     f = flags.FLAGS
     prepare(f.out, dataset=f.dataset, input=f.input or None, tokenizer=f.tokenizer, val_fraction=f.val_fraction,
             shard_size=f.shard_size, overwrite=f.overwrite, num_proc=f.num_proc, max_shards=f.max_shards,
-            hf_config=f.hf_config or None, hf_split=f.hf_split, text_field=f.text_field)
+            hf_config=f.hf_config or None, hf_split=f.hf_split, text_field=f.text_field, vocab_size=f.vocab_size,
+            bpe_sample_chars=f.bpe_sample_chars)
 
 
 def _define_flags() -> None:
@@ -424,7 +464,10 @@ def _define_flags() -> None:
                         "dataset: a hub name, a local directory, or data files (.parquet, .jsonl, .json, .csv, .txt) "
                         "or a glob of them). auto: --input if given, else tinyshakespeare if it can be downloaded, "
                         "else stdlib_docs (Python standard library docstrings, offline)")
-    flags.DEFINE_enum("tokenizer", "char", ["gpt2", "char"], "GPT-2 BPE or character level")
+    flags.DEFINE_enum("tokenizer", "char", list(TOKENIZERS), "character level, GPT-2 BPE, or bpe: a byte-level "
+                      "BPE of --vocab_size tokens trained on this data (Hugging Face tokenizers)")
+    flags.DEFINE_integer("vocab_size", 0, "bpe: tokens in the vocabulary, <|endoftext|> included (257..65536)")
+    flags.DEFINE_integer("bpe_sample_chars", BPE_SAMPLE_CHARS, "bpe on an hf dataset: characters it is trained on")
     flags.DEFINE_string("out", None, "output directory for the shards and tokenizer.json", required=True)
     flags.DEFINE_float("val_fraction", 0.1, "share of the text (its end) kept for validation; not for hf datasets")
     flags.DEFINE_integer("shard_size", DEFAULT_SHARD_SIZE, "tokens per shard")

@@ -31,7 +31,15 @@ def loss_fn(params, graphdef, inputs, targets, rng):
     return nnx.merge(graphdef, params).loss(inputs, targets, rng=rng)  # never all the logits at once (loss_chunk)
 
 
-def train_step(state: TrainState, batch, *, graphdef, tx, schedule, use_dropout: bool):
+def trainable(params, lora: bool):
+    """What the optimizer updates and keeps moments for: a LoRA model's adapters (its other weights stay frozen),
+    else every parameter. Returns (trainable, frozen); frozen is None without LoRA."""
+    if not lora:
+        return params, None
+    return nnx.split_state(params, nnx.LoRAParam, ...)
+
+
+def train_step(state: TrainState, batch, *, graphdef, tx, schedule, use_dropout: bool, lora: bool = False):
     """One optimizer step over batch['inputs'/'targets'] of shape (grad_accum_steps, B, T).
 
     Micro-batches are accumulated by a lax.scan inside this one jit: one dispatch and one optimizer update per
@@ -39,23 +47,28 @@ def train_step(state: TrainState, batch, *, graphdef, tx, schedule, use_dropout:
     rng, step_rng = jax.random.split(state.rng)
     n_micro = batch["inputs"].shape[0]
     keys = jax.random.split(step_rng, n_micro)
-    grad_fn = jax.value_and_grad(loss_fn)
+    params, frozen = trainable(state.params, lora)
+    if lora:  # gradients for the adapters only; the frozen weights enter as constants
+        grad_fn = jax.value_and_grad(lambda p, *args: loss_fn(nnx.merge_state(p, frozen), *args))
+    else:
+        grad_fn = jax.value_and_grad(loss_fn)
 
     def micro_step(grad_sum, xs):
         inputs, targets, key = xs
-        loss, grads = grad_fn(state.params, graphdef, inputs, targets, key if use_dropout else None)
+        loss, grads = grad_fn(params, graphdef, inputs, targets, key if use_dropout else None)
         return jax.tree.map(jnp.add, grad_sum, grads), loss
 
     if n_micro == 1:  # no scan: a one-trip loop keeps XLA from fusing across it and costs an extra grads copy
-        loss, grads = grad_fn(state.params, graphdef, batch["inputs"][0], batch["targets"][0],
+        loss, grads = grad_fn(params, graphdef, batch["inputs"][0], batch["targets"][0],
                               keys[0] if use_dropout else None)
         losses = loss[None]
     else:
-        zeros = jax.tree.map(jnp.zeros_like, state.params)
+        zeros = jax.tree.map(jnp.zeros_like, params)
         grads, losses = jax.lax.scan(micro_step, zeros, (batch["inputs"], batch["targets"], keys))
         grads = jax.tree.map(lambda g: g / n_micro, grads)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+    updates, opt_state = tx.update(grads, state.opt_state, params)
+    params = optax.apply_updates(params, updates)
+    new_state = state.replace(step=state.step + 1, params=nnx.merge_state(params, frozen) if lora else params,
                               opt_state=opt_state, rng=rng)
     return new_state, {"loss": losses.mean(), "grad_norm": optax.global_norm(grads), "lr": schedule(state.step)}
 
@@ -98,16 +111,17 @@ def make_steps(config: ConfigDict, model_config: model.GPTConfig, mesh) -> Steps
     tx = optim.make_optimizer(config.optim, config.max_steps)
     graphdef, abstract_params = nnx.split(model.abstract(model_config), nnx.Param)
     params_sharding = sharding.param_shardings(abstract_params, mesh)
-    abstract_opt = jax.eval_shape(tx.init, abstract_params)
+    lora = model_config.lora_rank > 0
+    abstract_opt = jax.eval_shape(lambda p: tx.init(trainable(p, lora)[0]), abstract_params)
     rep = sharding.replicated(mesh)
-    state_sharding = TrainState(step=rep, params=params_sharding, rng=rep,
-                                opt_state=sharding.optimizer_shardings(tx, abstract_opt, params_sharding, mesh))
+    state_sharding = TrainState(step=rep, params=params_sharding, rng=rep, opt_state=sharding.optimizer_shardings(
+        tx, abstract_opt, trainable(params_sharding, lora)[0], mesh))
     abstract_state = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=abstract_params,
                                 opt_state=abstract_opt, rng=jax.ShapeDtypeStruct((2,), jnp.uint32))
     abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                   abstract_state, state_sharding)
     steps = under_mesh(mesh, functools.partial(train_steps, graphdef=graphdef, tx=tx, schedule=schedule,
-                                               use_dropout=model_config.dropout > 0))
+                                               use_dropout=model_config.dropout > 0, lora=lora))
     return Steps(
         graphdef=graphdef, n_params=sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_params)), tx=tx,
         state_sharding=state_sharding, abstract_state=abstract_state,
@@ -123,6 +137,8 @@ def fresh_state(steps: Steps, model_config: model.GPTConfig, seed: int, params=N
     def build(params):
         if params is None:
             params = nnx.state(model.build(model_config, seed), nnx.Param)
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=steps.tx.init(params),
+        lora = model_config.lora_rank > 0
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                          opt_state=steps.tx.init(trainable(params, lora)[0]),
                           rng=jax.random.PRNGKey(seed + 1))
     return jax.jit(build, out_shardings=steps.state_sharding)(params)

@@ -33,7 +33,7 @@ _GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++
 
 
 class Tokenizer:
-    """The interface every tokenizer implements."""
+    """The interface every tokenizer implements: GPT2Tokenizer, CharTokenizer, BPETokenizer."""
 
     name: str
     vocab_size: int  # number of real token ids: 0 .. vocab_size - 1
@@ -116,6 +116,52 @@ class CharTokenizer(Tokenizer):
         return {"kind": "char", "chars": self.chars}
 
 
+class BPETokenizer(Tokenizer):
+    """A byte-level BPE trained with Hugging Face `tokenizers` (`train_bpe`), or any BPE `tokenizers` file: ids
+    are the file's. Its to_json() is the tokenizers JSON itself, so DIR/tokenizer.json is what
+    `tokenizers.Tokenizer.from_file` loads."""
+
+    name = "bpe"
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.tokenizer.encode_special_tokens = True  # "<|endoftext|>" in the text is text, as for GPT2Tokenizer
+        self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
+        self.eot = tokenizer.token_to_id(ENDOFTEXT)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def to_json(self) -> dict:
+        return json.loads(self.tokenizer.to_str())
+
+
+MAX_VOCAB = 2**16  # shards store uint16 ids
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int) -> BPETokenizer:
+    """A byte-level BPE (GPT-2's pre-tokenizer and byte alphabet, <|endoftext|> as a special token) of vocab_size
+    tokens, trained on `texts` with Hugging Face tokenizers: any UTF-8 text round-trips exactly."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    if not len(alphabet) + 1 <= vocab_size <= MAX_VOCAB:
+        raise UserValueError(f"vocab_size={vocab_size}: a byte-level BPE needs at least {len(alphabet) + 1} tokens "
+                             f"(256 bytes and <|endoftext|>), and shards store token ids as uint16, so at most "
+                             f"{MAX_VOCAB}")
+    tok = HFTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[ENDOFTEXT], initial_alphabet=alphabet,
+                                  show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    return BPETokenizer(tok)
+
+
 def get_tokenizer(kind: str, *, chars: Sequence[str] | None = None, text: str | None = None) -> Tokenizer:
     """`get_tokenizer("gpt2")`, or `get_tokenizer("char", chars=[...])` / `get_tokenizer("char", text=corpus)`."""
     if kind == "gpt2":
@@ -138,12 +184,12 @@ def from_json(spec, where: str = TOKENIZER_FILE) -> Tokenizer:
     if isinstance(spec, dict) and "model" in spec and (tok := _from_hf_json(spec)) is not None:
         return tok
     raise UserValueError(f"{where}: expected {{\"kind\": \"gpt2\"}}, {{\"kind\": \"char\", \"chars\": [...]}} or a "
-                         f"Hugging Face GPT-2 or character tokenizer, got {str(spec)[:200]}")
+                         f"Hugging Face BPE tokenizer (tokenizers' JSON), got {str(spec)[:200]}")
 
 
 def _from_hf_json(spec: dict) -> Tokenizer | None:
     """GPT-2 BPE if the file holds exactly GPT-2's vocabulary and 50000 merges; a char tokenizer if it is a BPE
-    with no merges over single characters; else None."""
+    with no merges over single characters; any other BPE as a BPETokenizer; None for other models."""
     model = spec["model"] if isinstance(spec["model"], dict) else {}
     vocab, merges = model.get("vocab"), model.get("merges")
     if model.get("type") != "BPE" or not isinstance(vocab, dict) or not isinstance(merges, list):
@@ -156,7 +202,8 @@ def _from_hf_json(spec: dict) -> Tokenizer | None:
         added = {t.get("content"): t.get("id") for t in spec.get("added_tokens") or [] if isinstance(t, dict)}
         if {**vocab, **added} == gpt2:
             return GPT2Tokenizer()
-    return None
+    from tokenizers import Tokenizer as HFTokenizer
+    return BPETokenizer(HFTokenizer.from_str(json.dumps(spec)))
 
 
 def load_tokenizer(data_dir: str) -> Tokenizer:
@@ -190,8 +237,8 @@ def stored_with(path: str) -> Tokenizer | None:
     if os.path.isfile(file := os.path.join(path, TOKENIZER_FILE)):
         spec = _read_json(file)
         if isinstance(spec, dict) and "model" in spec and _from_hf_json(spec) is None:
-            logging.warning("%s: a Hugging Face tokenizer that is neither GPT-2 BPE nor a character vocabulary: "
-                            "not used", file)
+            logging.warning("%s: a Hugging Face tokenizer that is not a BPE (GPT-2's, a character vocabulary or "
+                            "another): not used", file)
             return None
     return load_tokenizer(path)
 

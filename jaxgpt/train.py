@@ -56,7 +56,7 @@ class Trainer:
 
     def _model_config(self) -> model.GPTConfig:
         if loader.is_weights_spec(self.config.init_from):  # the architecture comes from the weights
-            return self._pretrained().config
+            return dataclasses.replace(self._pretrained().config, **loader.lora_fields(self.config))
         return loader.model_config(self.config, self.tokenizer.vocab_size)
 
     def _check_batch(self):
@@ -72,10 +72,14 @@ class Trainer:
     @functools.cache  # noqa: B019 -- the trainer lives for the whole run
     def _pretrained(self) -> model.GPT:
         pretrained = loader.load(self.config.init_from, **loader.compute_overrides(self.config.model))
-        if pretrained.config.n_valid_vocab < self.tokenizer.vocab_size:
-            raise UserValueError(f"init_from={self.config.init_from!r} has {pretrained.config.n_valid_vocab} tokens "
-                                 f"but the data's tokenizer ({self.tokenizer.name}) has {self.tokenizer.vocab_size}")
-        return pretrained
+        n, tok = pretrained.config.n_valid_vocab, self.tokenizer
+        gpt2_weights = n >= tokenizer.GPT2_VOCAB_SIZE
+        if (tok.name == "gpt2") != gpt2_weights or (tok.name != "gpt2" and n != tok.vocab_size):
+            raise UserValueError(
+                f"init_from={self.config.init_from!r} has {'GPT-2 BPE weights' if gpt2_weights else f'{n} tokens'} "
+                f"but data.dir={self.data_dir}'s tokenizer is {tok.name} with {tok.vocab_size} tokens: the token ids "
+                "mean different things; prepare the data with the weights' tokenizer (--tokenizer=gpt2)")
+        return loader.crop_block_size(pretrained, self.config.model.block_size)  # nanoGPT's crop_block_size
 
     def initial_state(self) -> tuple[TrainState, int]:
         """Resumes from the workdir's latest checkpoint when there is one, else starts per init_from."""
@@ -92,7 +96,10 @@ class Trainer:
         if self.config.init_from == "scratch":
             params = None  # drawn inside fresh_state's one jitted call
         elif loader.is_weights_spec(self.config.init_from):
-            params = jax.device_put(nnx.state(self._pretrained(), nnx.Param), self.steps.state_sharding.params)
+            params = nnx.state(self._pretrained(), nnx.Param)
+            if self.model_config.lora_rank:  # fresh adapters beside the pretrained weights
+                params = model.with_weights(model.build(self.model_config, self.config.seed), params)
+            params = jax.device_put(params, self.steps.state_sharding.params)
         else:
             raise UserValueError(f"init_from={self.config.init_from!r}: expected scratch, resume, hf:DIR, "
                                  "nanogpt:FILE or ckpt:DIR")
@@ -101,6 +108,7 @@ class Trainer:
     def _check_fits(self, saved: dict, step: int):
         """A workdir's checkpoint must be of this config's model (compute-only fields may differ)."""
         ours = dataclasses.asdict(self.model_config)
+        saved = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()}  # JSON keeps tuples as lists
         if diff := [f"{k}={saved.get(k)!r} there, {v!r} here" for k, v in ours.items()
                     if k not in model.COMPUTE_FIELDS and saved.get(k, v) != v]:
             raise UserValueError(f"{self.workdir} holds a checkpoint (step {step}) of another model: "
@@ -209,7 +217,7 @@ def prepare_data(config: ConfigDict, is_main: bool):
             raise UserFileNotFoundError(f"data.dir={d.dir} does not exist; prepare it before a multi-process launch: "
                                         f"python -m jaxgpt.prepare --out={d.dir} ...")
         log(is_main, f"data.dir={d.dir} does not exist: preparing it from data.dataset={d.dataset!r}")
-        prepare.prepare(d.dir, dataset=d.dataset, input=d.input or None, tokenizer=d.tokenizer)
+        prepare.prepare(d.dir, dataset=d.dataset, input=d.input or None, tokenizer=d.tokenizer, vocab_size=d.vocab_size)
     elif not data.has_shards(d.dir):
         held = sorted(os.listdir(d.dir)) if os.path.isdir(d.dir) else None
         what = "is not a directory" if held is None else f"holds {held[:8] if held else 'nothing'}"

@@ -251,10 +251,18 @@ def test_finetune_starts_from_hugging_face_weights(gpt2_data, tmp_path, make_hf_
     config = make_config(**{"data.dir": gpt2_data, "init_from": f"hf:{hf_dir}", "max_steps": 1,
                             "optim.lr": 0.0, "optim.warmup_steps": 0, "sample_tokens": 0})
     state = train.train(config, str(tmp_path / "w"))  # lr 0: the one step leaves the weights as imported
-    expected = nnx.state(torch_bridge.from_hf(str(hf_dir)), nnx.Param)
-    for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(state.params), strict=True):
+    expected = nnx.state(torch_bridge.from_hf(str(hf_dir)), nnx.Param).to_pure_dict()
+    assert expected["wpe"]["embedding"].shape[0] == 64 and config.model.block_size == 32
+    expected["wpe"]["embedding"] = expected["wpe"]["embedding"][:32]  # cropped, as nanoGPT's crop_block_size
+    for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(state.params.to_pure_dict()), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    assert checkpoint.load_model(str(tmp_path / "w")).config.n_embd == 64
+    saved = checkpoint.load_model(str(tmp_path / "w")).config
+    assert (saved.n_embd, saved.block_size) == (64, 32)
+    char = make_config(**{"data.dir": str(tmp_path / "char"), "data.dataset": "text",
+                          "data.input": corpus.write(tmp_path / "t.txt", 20_000), "init_from": f"hf:{hf_dir}"})
+    with pytest.raises(ValueError, match=r"has GPT-2 BPE weights but data.dir=.*'s tokenizer is char with \d+ "
+                                         r"tokens: the token ids mean different things"):
+        train.train(char, str(tmp_path / "w_char"))
 
 
 def test_hellaswag_runs_inside_training(gpt2_data, tmp_path):

@@ -17,7 +17,15 @@ import torch
 
 from jaxgpt.errors import UserFileNotFoundError, UserValueError
 from jaxgpt.model import GPT, GPTConfig
-from jaxgpt.tokenizer import GPT2_VOCAB_SIZE, CharTokenizer, GPT2Tokenizer, Tokenizer, bundled_gpt2_files
+from jaxgpt.tokenizer import (
+    ENDOFTEXT,
+    GPT2_VOCAB_SIZE,
+    BPETokenizer,
+    CharTokenizer,
+    GPT2Tokenizer,
+    Tokenizer,
+    bundled_gpt2_files,
+)
 from torch_bridge import convert
 from torch_bridge.mapping import COMPILED_PREFIX, HF, LLAMA, MODEL_TYPES, NANOGPT, Format
 
@@ -140,6 +148,13 @@ def hf_tokenizer(tokenizer: Tokenizer, max_length: int):
         chars.decoder = tokenizers.decoders.Fuse()
         return transformers.PreTrainedTokenizerFast(tokenizer_object=chars, model_max_length=max_length,
                                                     clean_up_tokenization_spaces=False)
+    if isinstance(tokenizer, BPETokenizer):
+        import tokenizers
+        copy = tokenizers.Tokenizer.from_str(tokenizer.tokenizer.to_str())
+        copy.encode_special_tokens = False  # HF's convention: special-token text is the special token
+        special = {} if tokenizer.eot is None else dict(bos_token=ENDOFTEXT, eos_token=ENDOFTEXT, unk_token=ENDOFTEXT)
+        return transformers.PreTrainedTokenizerFast(tokenizer_object=copy, model_max_length=max_length,
+                                                    clean_up_tokenization_spaces=False, **special)
     raise UserValueError(f"no Hugging Face form for the {tokenizer.name} tokenizer")
 
 
