@@ -39,6 +39,7 @@ def get_config() -> ConfigDict:
     c.lora.rank = 0  # >0: train only low-rank adapters (nnx.LoRAParam) beside the targets' kernels
     c.lora.alpha = 16.0  # the adapters add (alpha / rank) * x @ A @ B
     c.lora.targets = "attn"  # comma list: attn (c_attn or q/k/v, attn.c_proj), mlp (c_fc, c_gate, mlp.c_proj)
+    c.lora.dropout = 0.0  # dropout on the adapters' input, in training
 
     c.data = ConfigDict()
     c.data.dir = "data/shakespeare_char"  # prepared shards (train_*.bin, val_*.bin, tokenizer.json)

@@ -36,7 +36,7 @@ def model_config(config: ConfigDict, vocab_size: int) -> model.GPTConfig:
 def lora_fields(config: ConfigDict) -> dict:
     """The GPTConfig fields of a training config's lora section."""
     lora = config.lora
-    return dict(lora_rank=lora.rank, lora_alpha=lora.alpha,
+    return dict(lora_rank=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                 lora_targets=tuple(t.strip() for t in lora.targets.split(",") if t.strip()))
 
 

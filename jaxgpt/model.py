@@ -67,6 +67,7 @@ class GPTConfig:
     lora_rank: int = 0  # >0: low-rank adapters (nnx.LoRAParam) beside the lora_targets' kernels
     lora_alpha: float = 16.0  # adapters add (lora_alpha / lora_rank) * x @ A @ B
     lora_targets: tuple[str, ...] = ("attn",)  # attn (c_attn or q/k/v, attn.c_proj) and/or mlp (c_fc, c_gate, c_proj)
+    lora_dropout: float = 0.0  # dropout on the adapters' input, in training
 
     def __post_init__(self):
         if self.n_embd % self.n_head:
@@ -142,13 +143,14 @@ class Linear(nnx.Module):
                 rngs.params(), (*d_in, r), config.param_dtype))
             self.lora_b = nnx.LoRAParam(nnx.with_partitioning(jax.nn.initializers.zeros, (None, *axes[len(d_in):]))(
                 rngs.params(), (r, *d_out), config.param_dtype))
-            self.lora_scale = config.lora_alpha / r
+            self.lora_scale, self.lora_dropout = config.lora_alpha / r, config.lora_dropout
 
-    def __call__(self, x):
+    def __call__(self, x, key=None):
+        """key: the adapters' dropout in training (None: none)."""
         y = self.ops.dense(x, self.kernel[...], None if self.bias is None else self.bias[...], self.n_in)
         if self.lora_scale is None:
             return y
-        h = self.ops.dense(x, self.lora_a[...], None, self.n_in)  # (..., r)
+        h = self.ops.dense(dropout(x, self.lora_dropout, key), self.lora_a[...], None, self.n_in)  # (..., r)
         return y + (self.lora_scale * self.ops.dense(h, self.lora_b[...], None, 1)).astype(y.dtype)
 
 
@@ -225,14 +227,15 @@ class CausalSelfAttention(nnx.Module):
                              std=config.init_std / math.sqrt(2 * config.n_layer))
         self.config, self.ops = config, Ops.of(config)
 
-    def __call__(self, x, positions, cache=None):
+    def __call__(self, x, positions, cache=None, lora_key=None):
         cfg = self.config
-        if cfg.n_kv_head:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # (B, T, H, D), (B, T, K, D) twice
+        keys = _keys(lora_key, 4)
+        if cfg.n_kv_head:  # (B, T, H, D), (B, T, K, D) twice
+            q, k, v = self.q_proj(x, keys[0]), self.k_proj(x, keys[1]), self.v_proj(x, keys[2])
         else:
-            qkv = self.c_attn(x)  # (B, T, 3, H, D)
-            if cfg.positions == "learned" and cache is None:
-                return self.c_proj(self.ops.causal_attention(qkv)), cache  # GPT-2's path: one fused kernel
+            qkv = self.c_attn(x, keys[0])  # (B, T, 3, H, D)
+            if cfg.positions == "learned" and cache is None:  # GPT-2's path: one fused kernel
+                return self.c_proj(self.ops.causal_attention(qkv), keys[3]), cache
             q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         if cfg.positions == "rope":
             q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
@@ -240,7 +243,11 @@ class CausalSelfAttention(nnx.Module):
             y = self.ops.causal_attention_gqa(q, k, v)  # (B, T, H, D)
         else:  # q attends to the cached keys and values: jaxgpt/generate.py
             y, cache = cache.attend(q, k, v, self.ops)
-        return self.c_proj(y), cache  # heads merged back: (B, T, C)
+        return self.c_proj(y, keys[3]), cache  # heads merged back: (B, T, C)
+
+
+def _keys(key, n: int):
+    return list(jax.random.split(key, n)) if key is not None else [None] * n
 
 
 class MLP(nnx.Module):
@@ -253,10 +260,11 @@ class MLP(nnx.Module):
                              std=config.init_std / math.sqrt(2 * config.n_layer))
         self.swiglu, self.ops = config.mlp == "swiglu", Ops.of(config)
 
-    def __call__(self, x):
+    def __call__(self, x, lora_key=None):
+        k_gate, k_fc, k_proj = _keys(lora_key, 3)
         if self.swiglu:
-            return self.c_proj(jax.nn.silu(self.c_gate(x)) * self.c_fc(x))  # through (B, T, F)
-        return self.c_proj(self.ops.gelu(self.c_fc(x)))  # through (B, T, F)
+            return self.c_proj(jax.nn.silu(self.c_gate(x, k_gate)) * self.c_fc(x, k_fc), k_proj)  # through (B, T, F)
+        return self.c_proj(self.ops.gelu(self.c_fc(x, k_fc)), k_proj)  # through (B, T, F)
 
 
 class Block(nnx.Module):
@@ -266,12 +274,15 @@ class Block(nnx.Module):
         self.ln_2 = Norm(config, rngs=rngs)
         self.mlp = MLP(config, rngs=rngs)
         self.rate = config.dropout
+        self.lora_dropout = config.lora_rank > 0 and config.lora_dropout > 0
 
     def __call__(self, x, positions, key=None, cache=None):
         k1, k2 = jax.random.split(key) if key is not None else (None, None)
-        y, cache = self.attn(self.ln_1(x), positions, cache)
+        # the adapters' dropout draws from its own fold of the key: the residual dropout stays as without LoRA
+        lora_attn, lora_mlp = _keys(jax.random.fold_in(key, 1) if key is not None and self.lora_dropout else None, 2)
+        y, cache = self.attn(self.ln_1(x), positions, cache, lora_attn)
         x = x + dropout(y, self.rate, k1)
-        x = x + dropout(self.mlp(self.ln_2(x)), self.rate, k2)
+        x = x + dropout(self.mlp(self.ln_2(x), lora_mlp), self.rate, k2)
         return sharding.constrain(x, ("batch", None, None)), cache  # residual stream split by batch only
 
 

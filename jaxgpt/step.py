@@ -121,7 +121,8 @@ def make_steps(config: ConfigDict, model_config: model.GPTConfig, mesh) -> Steps
     abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                   abstract_state, state_sharding)
     steps = under_mesh(mesh, functools.partial(train_steps, graphdef=graphdef, tx=tx, schedule=schedule,
-                                               use_dropout=model_config.dropout > 0, lora=lora))
+                                               use_dropout=model_config.dropout > 0 or (
+                                                   lora and model_config.lora_dropout > 0), lora=lora))
     return Steps(
         graphdef=graphdef, n_params=sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_params)), tx=tx,
         state_sharding=state_sharding, abstract_state=abstract_state,

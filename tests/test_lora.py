@@ -93,3 +93,17 @@ def test_export_merges_the_adapters_and_sample_uses_the_run(whole, tmp_path):
     print(f"\nmerged export vs the unmerged LoRA model: max |logits diff| {np.abs(ours - theirs).max():.2g}")
     assert np.abs(ours - theirs).max() <= 1e-5
     assert len(generate.generate(lora, [[464, 2068, 7586]], max_new_tokens=8, temperature=0)[0]) == 8
+
+
+def test_adapter_dropout_acts_in_training_only():
+    config = model.GPTConfig(vocab_size=128, valid_vocab_size=100, block_size=16, n_layer=2, n_head=2, n_embd=32,
+                             lora_rank=4, lora_targets=("attn", "mlp"))
+    plain, dropped = (model.build(dataclasses_replace(config, lora_dropout=rate), 0) for rate in (0.0, 0.5))
+    for m in (plain, dropped):  # B != 0, so the adapters change the output
+        state = nnx.state(m, nnx.LoRAParam)
+        nnx.update(m, jax.tree.map(lambda x: x + 0.1, state))
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, 100, (2, 16)))
+    key = jax.random.key(0)
+    assert float(plain.loss(ids, ids)) == float(dropped.loss(ids, ids))  # evaluation: no dropout
+    assert float(plain.loss(ids, ids, rng=key)) == float(plain.loss(ids, ids))  # rate 0: a key changes nothing
+    assert float(dropped.loss(ids, ids, rng=key)) != float(dropped.loss(ids, ids))

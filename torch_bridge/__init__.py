@@ -16,7 +16,7 @@ from collections.abc import Mapping
 import torch
 
 from jaxgpt.errors import UserFileNotFoundError, UserValueError
-from jaxgpt.model import GPT, GPTConfig
+from jaxgpt.model import GPT, GPTConfig, merge_lora
 from jaxgpt.tokenizer import (
     ENDOFTEXT,
     GPT2_VOCAB_SIZE,
@@ -91,8 +91,9 @@ def export_format(config: GPTConfig) -> Format:
 
 def to_hf(model: GPT):
     """A transformers GPT2LMHeadModel or LlamaForCausalLM (eval mode, whichever expresses the model's
-    architecture) with the model's weights; padded vocab rows are dropped."""
+    architecture) with the model's weights, LoRA adapters merged in; padded vocab rows are dropped."""
     import transformers
+    model = merge_lora(model)
     c, fmt = model.config, export_format(model.config)
     no_eos = {} if c.n_valid_vocab > 50256 else dict(bos_token_id=None, eos_token_id=None)  # 50256: GPT-2's eos
     if fmt is HF:  # GPT2Config's bos and eos are 50256
@@ -172,7 +173,9 @@ def from_nanogpt(src, *, n_head: int | None = None, **overrides) -> GPT:
 
 def to_nanogpt(model: GPT, path: str) -> str:
     """Writes a nanoGPT ckpt.pt (all vocab rows kept) that nanoGPT's GPT(GPTConfig(**model_args)) loads.
-    'config' (nanoGPT keeps its training settings there) records valid_vocab_size for from_nanogpt."""
+    'config' (nanoGPT keeps its training settings there) records valid_vocab_size for from_nanogpt. LoRA
+    adapters are merged in."""
+    model = merge_lora(model)
     c = model.config
     convert.check_expressible(c, NANOGPT)
     if c.activation not in NANOGPT.activations.values():
