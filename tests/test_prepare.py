@@ -121,7 +121,7 @@ def test_hf_dataset_errors(tmp_path):
     with pytest.raises(ValueError, match=r"tokens fit in the validation shard \(--shard_size=100000\).*smaller "
                                          "--shard_size"):
         prepare(out, dataset=f"hf:{path}", text_field="content", tokenizer="gpt2", shard_size=100_000, num_proc=1)
-    with pytest.raises(ValueError, match="--tokenizer=gpt2 only"):
+    with pytest.raises(ValueError, match="--tokenizer=gpt2 or bpe"):
         prepare(out, dataset=f"hf:{path}", text_field="content", tokenizer="char")
     with pytest.raises(RuntimeError, match="could not load the Hugging Face dataset .*nowhere"):
         prepare(out, dataset=f"hf:{tmp_path / 'nowhere'}", tokenizer="gpt2")  # a hub name, offline
