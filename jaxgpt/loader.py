@@ -6,8 +6,10 @@ compute-only overrides of model.COMPUTE_FIELDS.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
+from flax import nnx
 from ml_collections import ConfigDict
 
 from jaxgpt import checkpoint, model
@@ -68,9 +70,6 @@ def load(spec: str, step: str | int | None = None, **overrides) -> model.GPT:
 
 def crop_block_size(m: model.GPT, block_size: int) -> model.GPT:
     """The model for sequences up to block_size < its own, as nanoGPT's crop_block_size: wpe keeps its first rows."""
-    import dataclasses
-
-    from flax import nnx
     if block_size >= m.config.block_size:
         return m
     state = nnx.state(m, nnx.Param).to_pure_dict()
