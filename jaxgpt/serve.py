@@ -1,0 +1,300 @@
+"""Serve a model over HTTP: OpenAI-style completions, streamed as server-sent events, and a page to try them.
+
+    python -m jaxgpt.serve --ckpt=out/shakespeare_char            # a training workdir or a model directory
+    python -m jaxgpt.serve --hf=path/to/hf_gpt2 --weights=int8 --port=8000
+    curl -N localhost:8000/v1/completions -H 'Content-Type: application/json' \\
+        -d '{"prompt": "ROMEO:", "max_tokens": 64, "temperature": 0.8, "stream": true}'
+
+Endpoints: POST /v1/completions, GET /v1/models, GET /healthz, GET / (the page). Requests decode together in
+jaxgpt/engine.py's continuous batches. Every bad request gets a 4xx JSON error in OpenAI's shape,
+{"error": {"message", "type", "param", "code"}}; a client that goes away mid-stream frees its rows at the next step.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+import uuid
+from importlib import resources
+from typing import Literal
+
+from absl import flags, logging
+
+from jaxgpt import cli, engine, sample
+from jaxgpt.errors import UserValueError
+
+MAX_STOP = 4  # stop strings per request, as OpenAI
+
+
+def _request_model():
+    """The pydantic schema of a completion request (built on first use: pydantic comes with the serve extra)."""
+    from pydantic import BaseModel, ConfigDict, Field
+
+    class CompletionRequest(BaseModel):
+        model_config = ConfigDict(extra="forbid")  # an unknown field is an error, not silently ignored
+        model: str | None = None  # the served model's id (the only one) or omitted
+        prompt: str | list[int] | list[str] | list[list[int]] = ""  # text or token ids; a list of either: one each
+        max_tokens: int = Field(16, ge=1)  # new tokens per choice; prompt + max_tokens <= the context
+        temperature: float = Field(1.0, ge=0.0)  # 0 is greedy
+        top_p: float = Field(1.0, gt=0.0, le=1.0)
+        top_k: int = Field(0, ge=0)  # an extension: 0 keeps every token
+        n: int = Field(1, ge=1)  # choices per prompt
+        seed: int | None = None  # choice i samples from (seed, i); omitted: a fresh seed
+        stop: str | list[str] | None = None  # up to 4 strings that end a choice (not included in its text)
+        stream: bool = False  # server-sent events, one per piece of text, then [DONE]
+        user: str | None = None  # accepted, as OpenAI, and unused
+
+    return CompletionRequest
+
+
+def error(status: int, message: str, param: str | None = None, kind: str = "invalid_request_error"):
+    from fastapi.responses import JSONResponse
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}}, status)
+
+
+class Choice:
+    """One choice's text as its tokens arrive: whole characters only, cut at the first stop string; what may still
+    become a stop string is held back."""
+
+    def __init__(self, tok, stop: list[str]):
+        self.tok, self.stop, self.tokens, self.sent, self.text, self.stopped = tok, stop, [], 0, "", False
+
+    def add(self, token: int) -> str:
+        """The new text that can be sent; sets `stopped` when a stop string appeared."""
+        self.tokens.append(token)
+        try:
+            text = self.tok.decode(self.tokens)
+        except ValueError:  # an id past the tokenizer's vocabulary (a padded row the model learned to emit)
+            self.tokens.pop()
+            return ""
+        if text.endswith("\ufffd"):  # a character split across tokens: wait for the rest
+            return ""
+        found = [i for s in self.stop if (i := text.find(s)) >= 0]
+        if found:
+            text, self.stopped, hold = text[:max(min(found), self.sent)], True, 0
+        else:  # the longest end of the text that a stop string may still complete
+            hold = max((k for s in self.stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+        self.text = text
+        new = text[self.sent:len(text) - hold]
+        self.sent += len(new)
+        return new
+
+    def flush(self) -> str:
+        """At the end: the text held back for a stop string that never came."""
+        new, self.sent = self.text[self.sent:], len(self.text)
+        return new
+
+
+class Server:
+    """The HTTP front of an Engine: parses and checks requests, turns tokens into text and events."""
+
+    def __init__(self, eng: engine.Engine, tok, name: str, weights: str = "float32"):
+        self.engine, self.tok, self.name, self.weights = eng, tok, name, weights
+        self.created = int(time.time())
+
+    def prompts(self, prompt) -> list[list[int]]:
+        if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and isinstance(prompt[0], int)):
+            prompt = [prompt]
+        if not prompt:
+            raise UserValueError("prompt is an empty list")
+        return [sample.encode_prompt(self.tok, p) if isinstance(p, str) else list(p) for p in prompt]
+
+    def app(self):
+        from fastapi import FastAPI, Request
+        from fastapi.exceptions import RequestValidationError
+        from fastapi.responses import HTMLResponse, StreamingResponse
+        from starlette.exceptions import HTTPException
+
+        app = FastAPI(title="jaxgpt", docs_url=None, redoc_url=None)
+        CompletionRequest = _request_model()
+
+        @app.exception_handler(RequestValidationError)
+        async def invalid(request: Request, e: RequestValidationError):
+            problems = e.errors()
+            first = problems[0] if problems else {}
+            where = [str(x) for x in first.get("loc", ()) if x != "body"]
+            if first.get("type") == "json_invalid":
+                return error(400, f"malformed JSON: {first.get('ctx', {}).get('error', 'cannot parse the body')}")
+            if first.get("type") == "extra_forbidden":
+                return error(400, f"unknown field {where[0]!r}: this server takes "
+                             f"{sorted(CompletionRequest.model_fields)}", where[0])
+            field = where[0] if where else None
+            return error(400, f"{'.'.join(where) or 'body'}: {first.get('msg', 'invalid request')}", field)
+
+        @app.exception_handler(HTTPException)
+        async def http_error(request: Request, e: HTTPException):
+            return error(e.status_code, str(e.detail), kind="not_found_error" if e.status_code == 404
+                         else "invalid_request_error")
+
+        @app.get("/healthz")
+        async def healthz():
+            return {"status": "ok", "model": self.name, "weights": self.weights, **self.engine.stats()}
+
+        @app.get("/v1/models")
+        async def models():
+            return {"object": "list", "data": [{"id": self.name, "object": "model", "created": self.created,
+                                                "owned_by": "jaxgpt", "context_length": self.engine.config.block_size}]}
+
+        @app.get("/", response_class=HTMLResponse)
+        async def page():
+            return resources.files("jaxgpt").joinpath("serve_page.html").read_text(encoding="utf-8")
+
+        async def completions(body):
+            return await self.complete(body)
+        completions.__annotations__["body"] = CompletionRequest  # the class itself: it is local to this function
+        app.post("/v1/completions")(completions)
+
+        self.streaming_response = StreamingResponse
+        return app
+
+    async def complete(self, body):
+        if body.model not in (None, self.name):
+            return error(404, f"model {body.model!r} is not served here; GET /v1/models lists {self.name!r}",
+                         "model", "not_found_error")
+        stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        if len(stop) > MAX_STOP or any(not s for s in stop):
+            return error(400, f"stop: up to {MAX_STOP} non-empty strings, got {stop!r}", "stop")
+        try:
+            prompts = self.prompts(body.prompt)
+            if len(prompts) * body.n > self.engine.max_batch:
+                raise UserValueError(f"n={body.n} choices for {len(prompts)} prompt(s) exceed the server's "
+                                     f"max_batch of {self.engine.max_batch}")
+            seed = body.seed if body.seed is not None else int.from_bytes(os.urandom(4), "little")
+            sampling = engine.Sampling(max_tokens=body.max_tokens, temperature=body.temperature, top_k=body.top_k,
+                                       top_p=body.top_p, seed=seed)
+            for p in prompts:
+                self.engine.check(p, sampling, body.n)
+        except UserValueError as e:
+            return error(400, str(e), _param(str(e)))
+
+        loop, events = asyncio.get_running_loop(), asyncio.Queue()
+        requests, choices = [], []
+        for i, p in enumerate(prompts):
+            base = i * body.n  # choice index = prompt index * n + choice, as OpenAI
+            choices += [Choice(self.tok, stop) for _ in range(body.n)]
+
+            def post(kind, c, value, base=base):
+                loop.call_soon_threadsafe(events.put_nowait, (kind, base + c, value))
+            requests.append(engine.Request(p, sampling, body.n, on_token=lambda c, t, post=post: post("token", c, t),
+                                           on_finish=lambda c, why, post=post: post("finish", c, why)))
+        try:
+            for r in requests:
+                self.engine.submit(r)
+        except UserValueError as e:
+            for r in requests:
+                self.engine.cancel(r)
+            return error(429, str(e), kind="server_busy")
+        head = dict(id=f"cmpl-{uuid.uuid4().hex[:24]}", object="text_completion", created=int(time.time()),
+                    model=self.name)
+        owner = {base + c: r for base, r in zip(range(0, len(choices), body.n), requests) for c in range(body.n)}
+
+        def cleanup():  # the client went away, or the handler ended: nothing of these requests runs on
+            for r in requests:
+                if any(s.finish_reason is None for s in r.sequences):
+                    self.engine.cancel(r)
+
+        async def pieces():
+            """(choice, text, finish_reason or None) as the engine produces them."""
+            open_ = set(range(len(choices)))
+            try:
+                while open_:
+                    kind, c, value = await events.get()
+                    if c not in open_:
+                        continue
+                    if kind == "token":
+                        text = choices[c].add(value)
+                        if choices[c].stopped:
+                            self.engine.cancel(owner[c], c % body.n)
+                            open_.discard(c)
+                            yield c, text, "stop"
+                        elif text:
+                            yield c, text, None
+                    else:
+                        open_.discard(c)
+                        reason = "stop" if value in ("stop", "cancelled") else value
+                        if reason.startswith("error"):
+                            raise RuntimeError(reason)
+                        yield c, choices[c].flush(), reason
+            finally:
+                cleanup()
+
+        prompt_tokens = sum(len(p) for p in prompts)
+        usage = lambda: dict(prompt_tokens=prompt_tokens, completion_tokens=sum(len(c.tokens) for c in choices),
+                             total_tokens=prompt_tokens + sum(len(c.tokens) for c in choices))
+        if not body.stream:
+            finish = [None] * len(choices)
+            async for c, _, reason in pieces():
+                finish[c] = reason or finish[c]
+            return dict(head, choices=[dict(text=ch.text, index=i, logprobs=None, finish_reason=finish[i])
+                                       for i, ch in enumerate(choices)], usage=usage())
+
+        async def events_stream():
+            try:
+                async for c, text, reason in pieces():
+                    chunk = dict(head, choices=[dict(text=text, index=c, logprobs=None, finish_reason=reason)])
+                    yield f"data: {json.dumps(chunk)}\n\n"
+                yield f"data: {json.dumps(dict(head, choices=[], usage=usage()))}\n\n"
+                yield "data: [DONE]\n\n"
+            finally:
+                cleanup()
+        return self.streaming_response(events_stream(), media_type="text/event-stream",
+                                       headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def _param(message: str) -> str | None:
+    for name in ("max_tokens", "prompt", "n="):
+        if name in message:
+            return name.rstrip("=")
+    return None
+
+
+def serve(model, tok, *, name: str, host: str, port: int, max_batch: int, weights: str, sockets=None):
+    """Runs the server until interrupted (uvicorn's own signal handling)."""
+    import uvicorn
+    eng = engine.Engine(model, max_batch=max_batch, eot_id=tok.eot).start()
+    app = Server(eng, tok, name, weights).app()
+    try:
+        uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning")).run(sockets=sockets)
+    finally:
+        eng.stop()
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise UserValueError(f"unexpected arguments {argv[1:]}")
+    f = flags.FLAGS
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as e:
+        raise UserValueError(f"serving needs the serve extra: pip install -e '.[serve]' ({e})") from None
+    from jaxgpt import loader, quantize
+    logging.set_verbosity(logging.WARNING)
+    if bool(f.ckpt) == bool(f.hf):
+        raise UserValueError("give exactly one of --ckpt=DIR (jaxgpt model or workdir) or --hf=DIR (Hugging Face)")
+    model = loader.load(f"hf:{f.hf}" if f.hf else f"ckpt:{f.ckpt}", f.step, scan_layers=False)
+    tok = sample.load_tokenizer(f.tokenizer, model, f.ckpt or f.hf)
+    model = quantize.convert(model, f.weights)
+    name = f.name or os.path.basename(os.path.normpath(f.ckpt or f.hf))
+    print(f"serving {name} ({f.weights} weights, {tok.name} tokenizer, up to {f.max_batch} sequences at once) on "
+          f"http://{f.host}:{f.port}", flush=True)
+    serve(model, tok, name=name, host=f.host, port=f.port, max_batch=f.max_batch, weights=f.weights)
+
+
+def define_flags():
+    flags.DEFINE_string("ckpt", None, "jaxgpt model directory or training workdir")
+    flags.DEFINE_string("step", "latest", "a training workdir's checkpoint: latest, best (lowest val loss) or N")
+    flags.DEFINE_string("hf", None, "local Hugging Face GPT-2 directory (config.json + model.safetensors)")
+    flags.DEFINE_string("tokenizer", "", "'gpt2' or a data directory; empty: the tokenizer saved with the model")
+    flags.DEFINE_string("host", "127.0.0.1", "address to listen on (0.0.0.0: every interface)")
+    flags.DEFINE_integer("port", 8000, "port to listen on")
+    flags.DEFINE_enum("weights", "float32", ["float32", "bfloat16", "int8"], "the weights decoding runs on: "
+                      "int8 is weight-only with a scale per output channel (jaxgpt/quantize.py)")
+    flags.DEFINE_integer("max_batch", 32, "sequences decoded at once (cache rows); a power of two")
+    flags.DEFINE_string("name", "", "the model id of /v1/models; empty: the directory's name")
+
+
+if __name__ == "__main__":
+    define_flags()
+    cli.run(main)
