@@ -46,9 +46,10 @@ class PrefillCache:
 
 @struct.dataclass
 class SlotCache:
-    """A layer's keys and values for every slot (S, max_len, n_kv_head, head_dim). A step runs rows [0, rows):
-    each writes its one new token at its own position pos (rows,) and attends to slots [0, pos] of the first
-    `length` (every pos < length)."""
+    """A layer's keys and values for every slot, (S, n_kv_head, max_len, head_dim): heads before positions, so that
+    a step's attention is two einsums over contiguous rows (XLA-CPU's dot_product_attention over a (S, max_len,
+    heads, ...) cache transposes it at every step). A step runs rows [0, rows): each writes its one new token at
+    its own position pos (rows,) and attends to slots [0, pos] of the first `length` (every pos < length)."""
     k: jax.Array
     v: jax.Array
     pos: jax.Array
@@ -56,13 +57,17 @@ class SlotCache:
     length: int = struct.field(pytree_node=False)
 
     def attend(self, q, k, v, ops):
+        del ops  # the decode form below is the engine's own
         b, L = self.rows, self.length
         row = jnp.arange(b)
-        keys = self.k.at[row, self.pos].set(k[:, 0].astype(self.k.dtype))
-        values = self.v.at[row, self.pos].set(v[:, 0].astype(self.v.dtype))
-        mask = jnp.arange(L)[None, None, None, :] <= self.pos[:, None, None, None]  # (b, 1, 1, L)
-        y = ops.masked_attention(q, keys[:b, :L], values[:b, :L], mask)
-        return y, self.replace(k=keys, v=values)
+        keys = self.k.at[row, :, self.pos].set(k[:, 0].astype(self.k.dtype))  # (b, K, D) into (S, K, max_len, D)
+        values = self.v.at[row, :, self.pos].set(v[:, 0].astype(self.v.dtype))
+        K, D = keys.shape[1], keys.shape[3]
+        q = q[:, 0].reshape(b, K, -1, D).astype(jnp.float32) * D ** -0.5  # (b, K, H // K, D)
+        scores = jnp.einsum("bkgd,bkld->bkgl", q, keys[:b, :, :L].astype(jnp.float32))
+        scores = jnp.where(jnp.arange(L) <= self.pos[:, None, None, None], scores, -jnp.inf)
+        y = jnp.einsum("bkgl,bkld->bkgd", jax.nn.softmax(scores, axis=-1), values[:b, :, :L].astype(jnp.float32))
+        return y.reshape(b, 1, -1, D).astype(v.dtype), self.replace(k=keys, v=values)
 
 
 def sample_rows(logits, temperature, top_k, top_p, keys, *, mode: str, k_max: int):
@@ -110,8 +115,8 @@ def _prefill(graphdef, params, ks, vs, ids, lengths, rows, temperature, top_k, t
     logits = model.logits(last[:, None])[:, 0]
     token = sample_rows(logits, temperature, top_k, top_p, _row_keys(key_data, jnp.zeros(n, jnp.int32)),
                         mode=mode, k_max=k_max)
-    ks = [k.at[rows, :P].set(c.k.astype(k.dtype), mode="drop") for k, c in zip(ks, caches)]
-    vs = [v.at[rows, :P].set(c.v.astype(v.dtype), mode="drop") for v, c in zip(vs, caches)]
+    ks = [k.at[rows, :, :P].set(c.k.swapaxes(1, 2).astype(k.dtype), mode="drop") for k, c in zip(ks, caches)]
+    vs = [v.at[rows, :, :P].set(c.v.swapaxes(1, 2).astype(v.dtype), mode="drop") for v, c in zip(vs, caches)]
     return ks, vs, token
 
 
@@ -130,8 +135,8 @@ def _decode(graphdef, params, ks, vs, token, pos, temperature, top_k, top_p, key
 @functools.partial(jax.jit, static_argnames=("length",), donate_argnames=("ks", "vs"))
 def _move(ks, vs, src, dst, *, length):
     """Copies cache rows src into rows dst (first `length` slots): refilling the rows of finished sequences."""
-    return ([k.at[dst, :length].set(k[src, :length]) for k in ks],
-            [v.at[dst, :length].set(v[src, :length]) for v in vs])
+    return ([k.at[dst, :, :length].set(k[src, :, :length]) for k in ks],
+            [v.at[dst, :, :length].set(v[src, :, :length]) for v in vs])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,7 +188,7 @@ class Engine:
         self.graphdef, self.params = nnx.split(model)
         cfg = model.config
         self.max_len = -(-cfg.block_size // MIN_LENGTH) * MIN_LENGTH
-        shape = (max_batch, self.max_len, cfg.n_kv_head or cfg.n_head, cfg.head_dim)
+        shape = (max_batch, cfg.n_kv_head or cfg.n_head, self.max_len, cfg.head_dim)
         self.ks = [jnp.zeros(shape, cfg.dtype) for _ in range(cfg.n_layer)]
         self.vs = [jnp.zeros(shape, cfg.dtype) for _ in range(cfg.n_layer)]
         self.waiting: collections.deque[Request] = collections.deque()
