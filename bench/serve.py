@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -132,8 +133,9 @@ def load(hf, weights):
             start = time.perf_counter()
             for clients in (1, 2, 4, 8, 16, 32):  # every batch bucket compiles before timing
                 wave(url, clients, 1, FLAGS.load_tokens, rng)
-            print(f"\n{weights} weights over HTTP: warm-up (compiling every batch size) {time.perf_counter() - start:.0f} s;"
-                  f" {FLAGS.load_prompt_len}-token prompts, {FLAGS.load_tokens} new tokens per request, greedy, streamed")
+            print(f"\n{weights} weights over HTTP: warm-up (compiling every batch size) "
+                  f"{time.perf_counter() - start:.0f} s; {FLAGS.load_prompt_len}-token prompts, {FLAGS.load_tokens} "
+                  "new tokens per request, greedy, streamed")
             print(f"{'clients x requests':<20}{'tokens/s':>10}{'vs 1 client':>13}{'p50 s':>8}{'p99 s':>8}"
                   f"{'first p50':>11}{'first p99':>11}{'errors':>8}")
             one = None
@@ -154,6 +156,7 @@ def load(hf, weights):
 
 def main(argv):
     del argv
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
     torch.manual_seed(0)
     hf = transformers.GPT2LMHeadModel(transformers.GPT2Config()).eval()  # the 124M shape, random init
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")

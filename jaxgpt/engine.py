@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
+from jaxgpt import generate
 from jaxgpt.errors import UserValueError
 from jaxgpt.model import GPT
 
@@ -46,10 +47,9 @@ class PrefillCache:
 
 @struct.dataclass
 class SlotCache:
-    """A layer's keys and values for every slot, (S, n_kv_head, max_len, head_dim): heads before positions, so that
-    a step's attention is two einsums over contiguous rows (XLA-CPU's dot_product_attention over a (S, max_len,
-    heads, ...) cache transposes it at every step). A step runs rows [0, rows): each writes its one new token at
-    its own position pos (rows,) and attends to slots [0, pos] of the first `length` (every pos < length)."""
+    """A layer's keys and values for every slot, (S, n_kv_head, max_len, head_dim) as generate.KVCache's. A step
+    runs rows [0, rows): each writes its one new token at its own position pos (rows,) and attends to slots
+    [0, pos] of the first `length` (every pos < length)."""
     k: jax.Array
     v: jax.Array
     pos: jax.Array
@@ -57,17 +57,14 @@ class SlotCache:
     length: int = struct.field(pytree_node=False)
 
     def attend(self, q, k, v, ops):
-        del ops  # the decode form below is the engine's own
+        del ops  # generate.cache_attention is the cached form
         b, L = self.rows, self.length
         row = jnp.arange(b)
         keys = self.k.at[row, :, self.pos].set(k[:, 0].astype(self.k.dtype))  # (b, K, D) into (S, K, max_len, D)
         values = self.v.at[row, :, self.pos].set(v[:, 0].astype(self.v.dtype))
-        K, D = keys.shape[1], keys.shape[3]
-        q = q[:, 0].reshape(b, K, -1, D).astype(jnp.float32) * D ** -0.5  # (b, K, H // K, D)
-        scores = jnp.einsum("bkgd,bkld->bkgl", q, keys[:b, :, :L].astype(jnp.float32))
-        scores = jnp.where(jnp.arange(L) <= self.pos[:, None, None, None], scores, -jnp.inf)
-        y = jnp.einsum("bkgl,bkld->bkgd", jax.nn.softmax(scores, axis=-1), values[:b, :, :L].astype(jnp.float32))
-        return y.reshape(b, 1, -1, D).astype(v.dtype), self.replace(k=keys, v=values)
+        mask = jnp.arange(L)[None, None, :] <= self.pos[:, None, None]  # (b, 1, L)
+        y = generate.cache_attention(q, keys[:b, :, :L], values[:b, :, :L], mask)
+        return y, self.replace(k=keys, v=values)
 
 
 def sample_rows(logits, temperature, top_k, top_p, keys, *, mode: str, k_max: int):

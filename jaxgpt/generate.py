@@ -19,9 +19,22 @@ CACHE_MULTIPLE = 64  # cache lengths are rounded up to a multiple of this
 MIN_PROMPT_BUCKET = 16
 
 
+def cache_attention(q, keys, values, mask):
+    """q (B, T, n_head, head_dim) against cached keys and values (B, n_kv_head, S, head_dim) where mask (B, T, S)
+    holds, in float32 -> (B, T, n_head, head_dim). Caches keep heads before positions, so that these einsums read
+    contiguous rows (dot_product_attention over a (B, S, heads, ...) cache transposes it at every step on XLA-CPU)."""
+    B, T, H, D = q.shape
+    K = keys.shape[1]
+    q = q.reshape(B, T, K, H // K, D).astype(jnp.float32) * D ** -0.5  # each kv head serves H // K query heads
+    scores = jnp.einsum("btkgd,bksd->bkgts", q, keys.astype(jnp.float32))
+    scores = jnp.where(mask[:, None, None], scores, -jnp.inf)
+    y = jnp.einsum("bkgts,bksd->btkgd", jax.nn.softmax(scores, axis=-1), values.astype(jnp.float32))
+    return y.reshape(B, T, H, D).astype(values.dtype)
+
+
 @struct.dataclass
 class KVCache:
-    """One layer's keys and values (B, max_len, n_kv_head, head_dim), filled left to right.
+    """One layer's keys and values (B, n_kv_head, max_len, head_dim), filled left to right.
 
     index: the next slot to write (all rows advance together). start (B,): each row's first real slot; slots
     before it hold left padding and are never attended to.
@@ -33,22 +46,23 @@ class KVCache:
 
     @classmethod
     def create(cls, config: GPTConfig, start: jax.Array, max_len: int) -> KVCache:
-        shape = (start.shape[0], max_len, config.n_kv_head or config.n_head, config.head_dim)
+        shape = (start.shape[0], config.n_kv_head or config.n_head, max_len, config.head_dim)
         zeros = jnp.zeros(shape, config.dtype)
         return cls(zeros, zeros, jnp.zeros((), jnp.int32), start.astype(jnp.int32))
 
     def attend(self, q, k, v, ops):
         """Writes k and v (B, T, n_kv_head, head_dim) at `index` and attends q (B, T, n_head, head_dim) to every
-        filled, unpadded slot with ops.masked_attention."""
-        T, max_len = q.shape[1], self.k.shape[1]
-        keys = jax.lax.dynamic_update_slice(self.k, k.astype(self.k.dtype), (0, self.index, 0, 0))
-        values = jax.lax.dynamic_update_slice(self.v, v.astype(self.v.dtype), (0, self.index, 0, 0))
+        filled, unpadded slot."""
+        del ops  # cache_attention is the cached form
+        T, max_len = q.shape[1], self.k.shape[2]
+        keys = jax.lax.dynamic_update_slice(self.k, k.swapaxes(1, 2).astype(self.k.dtype), (0, 0, self.index, 0))
+        values = jax.lax.dynamic_update_slice(self.v, v.swapaxes(1, 2).astype(self.v.dtype), (0, 0, self.index, 0))
         query_slot = (self.index + jnp.arange(T))[None, :, None]  # (1, T, 1)
         key_slot = jnp.arange(max_len)[None, None, :]  # (1, 1, max_len)
         real_key = key_slot >= self.start[:, None, None]  # (B, 1, max_len)
         # A pad query attends to itself only, which keeps its softmax finite; real queries never see pad keys.
         mask = (key_slot <= query_slot) & real_key | (key_slot == query_slot)  # (B, T, max_len)
-        y = ops.masked_attention(q, keys, values, mask[:, None])
+        y = cache_attention(q, keys, values, mask)
         return y, self.replace(k=keys, v=values, index=self.index + T)
 
 
