@@ -283,7 +283,7 @@ def launch(p):
 @pytest.mark.slow
 def test_page_streams_in_a_headless_browser(model, model_dir, tmp_path):
     """`python -m jaxgpt.serve` serves the page; Chromium types a prompt, clicks Generate and sees the greedy
-    text arrive; a screenshot is saved."""
+    text arrive in pieces; a screenshot is saved."""
     from playwright.sync_api import sync_playwright
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
@@ -309,12 +309,16 @@ def test_page_streams_in_a_headless_browser(model, model_dir, tmp_path):
             page.fill("#prompt", "ROMEO:")
             page.fill("#max_tokens", "60")
             page.fill("#temperature", "0")
+            page.evaluate("""window.updates = 0;
+                new MutationObserver(() => window.updates++).observe(
+                    document.getElementById('output'), {childList: true, subtree: true, characterData: true})""")
             page.click("#go")
             page.wait_for_function("document.getElementById('status').textContent.startsWith('done')",
                                    timeout=60_000)
             assert page.inner_text("#status").startswith("done: 60 tokens"), page.inner_text("#status")
             assert page.inner_text("#completion") == want.strip("\n") or page.text_content("#completion") == want
             assert page.text_content("#model") == "tiny"
+            assert page.evaluate("window.updates") > 3  # the text came in pieces, as streamed
             page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
             chrome.close()
         assert os.path.getsize(tmp_path / "page.png") > 10_000
