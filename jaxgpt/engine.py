@@ -101,7 +101,6 @@ def _row_keys(key_data, count):
     return jax.vmap(lambda k, c: jax.random.fold_in(jax.random.wrap_key_data(k), c))(key_data, count)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "mode", "k_max"), donate_argnames=("ks", "vs"))
 def _prefill(graphdef, params, ks, vs, ids, lengths, rows, temperature, top_k, top_p, key_data, *, mode, k_max):
     """ids (n, P) right-padded prompts of `lengths` into cache rows `rows` (an index past the cache: a padding row,
     dropped) -> (ks, vs, each row's first token)."""
@@ -117,7 +116,6 @@ def _prefill(graphdef, params, ks, vs, ids, lengths, rows, temperature, top_k, t
     return ks, vs, token
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "length", "mode", "k_max"), donate_argnames=("ks", "vs"))
 def _decode(graphdef, params, ks, vs, token, pos, temperature, top_k, top_p, key_data, count, *, length, mode,
             k_max):
     """One token for each of rows [0, b): token, pos (b,) -> (ks, vs, the next tokens)."""
@@ -183,6 +181,11 @@ class Engine:
             raise UserValueError(f"max_batch={max_batch} must be a power of two")
         self.config, self.max_batch, self.eot_id, self.max_queue = model.config, max_batch, eot_id, max_queue
         self.graphdef, self.params = nnx.split(model)
+        # graphdef bound, not static: a static graphdef is hashed at every call, milliseconds per step
+        self.prefill = jax.jit(functools.partial(_prefill, self.graphdef), static_argnames=("mode", "k_max"),
+                               donate_argnames=("ks", "vs"))
+        self.decode = jax.jit(functools.partial(_decode, self.graphdef), static_argnames=("length", "mode", "k_max"),
+                              donate_argnames=("ks", "vs"))
         cfg = model.config
         self.max_len = -(-cfg.block_size // MIN_LENGTH) * MIN_LENGTH
         shape = (max_batch, cfg.n_kv_head or cfg.n_head, self.max_len, cfg.head_dim)
@@ -296,8 +299,8 @@ class Engine:
         first = len(self.running)
         rows = np.array([first + i if i < len(new) else self.max_batch for i in range(n)], np.int32)
         settings, mode, k_max = self._settings(new, n)
-        self.ks, self.vs, token = _prefill(self.graphdef, self.params, self.ks, self.vs, ids, lengths, rows,
-                                           *settings, mode=mode, k_max=k_max)
+        self.ks, self.vs, token = self.prefill(self.params, self.ks, self.vs, ids, lengths, rows, *settings,
+                                               mode=mode, k_max=k_max)
         for q, t, p in zip(new, np.asarray(token).tolist(), lengths.tolist()):
             q.pos = p
             self.running.append(q)
@@ -314,8 +317,8 @@ class Engine:
         count[:len(self.running)] = [len(q.tokens) for q in self.running]
         length = min(self.max_len, bucket(int(pos.max()) + 1, MIN_LENGTH))
         settings, mode, k_max = self._settings(self.running, b)
-        self.ks, self.vs, token = _decode(self.graphdef, self.params, self.ks, self.vs, self.next_token[:b], pos,
-                                          *settings, count, length=length, mode=mode, k_max=k_max)
+        self.ks, self.vs, token = self.decode(self.params, self.ks, self.vs, self.next_token[:b], pos, *settings,
+                                              count, length=length, mode=mode, k_max=k_max)
         self.steps += 1
         for q, t in zip(list(self.running), np.asarray(token).tolist()):
             q.pos += 1

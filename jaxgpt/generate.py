@@ -144,17 +144,14 @@ def _decode(model: GPT, cache, carry: Carry, sampler: Sampler):
     return cache, carry.replace(token=token, done=done, length=carry.length + 1, step=carry.step + 1)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "sampler", "max_len"))
 def prefill(graphdef, params, ids, start, key, eot_id, *, sampler: Sampler, max_len: int):
     return _prefill(nnx.merge(graphdef, params), ids, start, key, eot_id, sampler, max_len)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "sampler"), donate_argnames=("cache",))
 def decode_step(graphdef, params, cache, carry: Carry, *, sampler: Sampler):
     return _decode(nnx.merge(graphdef, params), cache, carry, sampler)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "sampler", "max_len"))
 def generate_on_device(graphdef, params, ids, start, key, eot_id, max_new_tokens, *, sampler: Sampler,
                        max_len: int):
     """Prefill and the whole decode loop in one program: tokens (B, max_len - P), eot_id after a row stops."""
@@ -170,6 +167,16 @@ def generate_on_device(graphdef, params, ids, start, key, eot_id, max_new_tokens
         cache, carry = _decode(nnx.merge(graphdef, params), cache, carry, sampler)
         return params, cache, carry, out.at[:, carry.step - 1].set(carry.token)
     return jax.lax.while_loop(running, step, (params, cache, carry, out))[3]
+
+
+@functools.lru_cache(maxsize=16)
+def programs(graphdef):
+    """prefill, decode_step and generate_on_device jitted with graphdef bound, once per model structure: as a
+    static argument, graphdef would be hashed at every call, milliseconds per token."""
+    bound = lambda f: functools.partial(f, graphdef)
+    return (jax.jit(bound(prefill), static_argnames=("sampler", "max_len")),
+            jax.jit(bound(decode_step), static_argnames=("sampler",), donate_argnames=("cache",)),
+            jax.jit(bound(generate_on_device), static_argnames=("sampler", "max_len")))
 
 
 def prompt_bucket(length: int) -> int:
@@ -245,19 +252,20 @@ def _generate_window(model: GPT, prompts: list[list[int]], *, max_new_tokens: in
     max_len = cache_length(P, max_new_tokens)
     ids, start = left_pad(prompts, P)
     graphdef, params = nnx.split(model)
+    run_prefill, run_step, run_all = programs(graphdef)
     key, eot = jax.random.key(seed), jnp.int32(-1 if eot_id is None else eot_id)
     if loop == "device":
-        tokens = np.asarray(generate_on_device(graphdef, params, ids, start, key, eot, jnp.int32(max_new_tokens),
-                                               sampler=sampler, max_len=max_len))[:, :max_new_tokens]
+        tokens = np.asarray(run_all(params, ids, start, key, eot, jnp.int32(max_new_tokens),
+                                    sampler=sampler, max_len=max_len))[:, :max_new_tokens]
         return [_until_eot(row, eot_id) for row in tokens.tolist()]
 
     outputs: list[list[int]] = [[] for _ in prompts]
     running = [True] * len(prompts)
-    cache, carry = prefill(graphdef, params, ids, start, key, eot, sampler=sampler, max_len=max_len)
+    cache, carry = run_prefill(params, ids, start, key, eot, sampler=sampler, max_len=max_len)
     for step in range(max_new_tokens):
         token = carry.token
         if step + 1 < max_new_tokens:  # dispatch the next step before reading this one: the two overlap
-            cache, carry = decode_step(graphdef, params, cache, carry, sampler=sampler)
+            cache, carry = run_step(params, cache, carry, sampler=sampler)
         for row, t in enumerate(np.asarray(token).tolist()):
             if running[row] and t == eot_id:
                 running[row] = False
