@@ -17,7 +17,6 @@ import os
 import time
 import uuid
 from importlib import resources
-from typing import Literal
 
 from absl import flags, logging
 
