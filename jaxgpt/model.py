@@ -118,6 +118,11 @@ def dropout(x, rate: float, key: jax.Array | None):
     return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
+class Scale(nnx.Variable):
+    """The float32 per-output-channel scales of an int8 kernel (jaxgpt/quantize.py): weight = kernel * scale. Not
+    an nnx.Param, so that nothing that trains, counts or saves parameters takes them; int8 models are for inference."""
+
+
 def param(init, axes, shape, config: GPTConfig, rngs: nnx.Rngs) -> nnx.Param:
     """A parameter in config.param_dtype, drawn by `init`, naming its logical axes."""
     return nnx.Param(nnx.with_partitioning(init, axes)(rngs.params(), shape, config.param_dtype))
@@ -135,6 +140,7 @@ class Linear(nnx.Module):
         self.bias = (param(jax.nn.initializers.zeros, axes[len(d_in):], d_out, config, rngs) if config.bias
                      else None)
         self.n_in, self.ops = len(d_in), Ops.of(config)
+        self.scale = nnx.data(None)  # a Scale (*d_out) when the kernel is int8 (jaxgpt/quantize.py)
         self.lora_scale = None
         if config.lora_rank and lora in config.lora_targets:  # B starts at 0: the adapted layer is the layer
             r = config.lora_rank
@@ -147,7 +153,11 @@ class Linear(nnx.Module):
 
     def __call__(self, x, key=None):
         """key: the adapters' dropout in training (None: none)."""
-        y = self.ops.dense(x, self.kernel[...], None if self.bias is None else self.bias[...], self.n_in)
+        bias = None if self.bias is None else self.bias[...]
+        if self.scale is not None:  # int8: x @ (kernel * scale) + bias
+            y = self.ops.int8_dense(x, self.kernel[...], self.scale[...], bias, self.n_in)
+        else:
+            y = self.ops.dense(x, self.kernel[...], bias, self.n_in)
         if self.lora_scale is None:
             return y
         h = self.ops.dense(dropout(x, self.lora_dropout, key), self.lora_a[...], None, self.n_in)  # (..., r)
@@ -209,9 +219,11 @@ def rope(x, positions, theta: float):
 class Embed(nnx.Module):
     def __init__(self, rows: int, axes, config: GPTConfig, *, rngs: nnx.Rngs):
         self.embedding = param(jax.nn.initializers.normal(config.init_std), axes, (rows, config.n_embd), config, rngs)
+        self.scale = nnx.data(None)  # a Scale (rows,) when int8: row i is embedding[i] * scale[i]
 
     def __call__(self, ids):
-        return jnp.take(self.embedding[...], ids, axis=0)
+        rows = jnp.take(self.embedding[...], ids, axis=0)
+        return rows if self.scale is None else rows * jnp.take(self.scale[...], ids, axis=0)[..., None]
 
 
 class CausalSelfAttention(nnx.Module):
@@ -304,6 +316,7 @@ class GPT(nnx.Module):
         if not config.tie_embeddings:  # stored like wte, (V, C), so both heads are one matmul form
             self.lm_head = param(jax.nn.initializers.normal(config.init_std), ("vocab", "embed"),
                                  (config.vocab_size, config.n_embd), config, rngs)
+            self.lm_head_scale = nnx.data(None)  # a Scale (V,) when lm_head is int8
 
     def __call__(self, idx, *, rng: jax.Array | None = None, cache=None, positions=None):
         """idx (B, T) int tokens -> float32 logits (B, T, vocab_size).
@@ -360,13 +373,22 @@ class GPT(nnx.Module):
         return scan(self.h, x, positions, keys, cache)
 
     def head(self):
-        """The (V, C) output embedding: wte when tied, else lm_head."""
-        return self.wte.embedding[...] if self.config.tie_embeddings else self.lm_head[...]
+        """The (V, C) output embedding: wte when tied, else lm_head (dequantized when int8)."""
+        w, scale = self._head()
+        return w if scale is None else w.astype(jnp.float32) * scale[:, None]
+
+    def _head(self):
+        """-> (the stored (V, C) head, its per-row Scale's values or None)."""
+        if self.config.tie_embeddings:
+            return self.wte.embedding[...], None if self.wte.scale is None else self.wte.scale[...]
+        return self.lm_head[...], None if self.lm_head_scale is None else self.lm_head_scale[...]
 
     def logits(self, x):
         """The head. Padded vocab rows get -inf logits: softmax gives them probability 0, so they are never
         sampled, and since targets are real tokens they never change a loss (nor receive gradient)."""
-        logits = self.ops.tied_logits(x, self.head())  # (B, T, vocab_size) float32
+        w, scale = self._head()
+        logits = (self.ops.tied_logits(x, w) if scale is None
+                  else self.ops.int8_tied_logits(x, w, scale))  # (B, T, vocab_size) float32
         if self.config.n_valid_vocab < self.config.vocab_size:
             logits = jnp.where(jnp.arange(self.config.vocab_size) < self.config.n_valid_vocab, logits, -jnp.inf)
         return logits

@@ -48,6 +48,15 @@ class Ops:
         dtype, accumulated in float32."""
         return KERNELS[self.kernels].dense(x, kernel, bias, self.dtype, n_in)
 
+    def int8_dense(self, x, kernel, scale, bias=None, n_in: int = 1):
+        """x (..., *K) @ (kernel (*K, *M) int8 * scale (*M) float32, its per-output-channel scales) + bias, in the
+        compute dtype: a weight-only int8 layer (jaxgpt/quantize.py)."""
+        return KERNELS[self.kernels].int8_dense(x, kernel, scale, bias, self.dtype, n_in)
+
+    def int8_tied_logits(self, x, embedding, scale):
+        """x (B, T, C) @ (embedding (V, C) int8 * scale (V,), one scale per row)^T -> float32 logits (B, T, V)."""
+        return KERNELS[self.kernels].int8_tied_logits(x, embedding, scale)
+
     def gelu(self, x):
         """GELU in its tanh (GPT-2) or exact (erf) form, in x's dtype."""
         return KERNELS[self.kernels].gelu(x, approximate=self.activation == "gelu_tanh")

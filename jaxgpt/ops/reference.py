@@ -44,3 +44,12 @@ def chunked_cross_entropy(x, embedding, targets, n_valid):
         return jnp.sum(jnp.where(valid, nll, 0.0))
     sums = jax.lax.map(lambda chunk: chunk_nll(*chunk), (x, targets))  # (n,)
     return jnp.sum(sums) / jnp.maximum(jnp.sum(targets >= 0), 1)
+
+
+def int8_dense(x, kernel, scale, bias, dtype, n_in=1):
+    """The weight-only int8 layer's definition: the float32 layer over the dequantized kernel, kernel * scale."""
+    return dense(x.astype(jnp.float32), kernel.astype(jnp.float32) * scale, bias, dtype, n_in)
+
+
+def int8_tied_logits(x, embedding, scale):
+    return tied_logits(x.astype(jnp.float32), embedding.astype(jnp.float32) * scale[:, None])

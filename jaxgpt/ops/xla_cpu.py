@@ -63,6 +63,54 @@ def _half_contract_bwd(n_in, residuals, g):
 _half_contract.defvjp(_half_contract_fwd, _half_contract_bwd)
 
 
+def int8_dense(x, kernel, scale, bias, dtype, n_in=1):
+    """x (..., *K) @ (kernel (*K, *M) int8 * scale (*M) float32) + bias, computed as `int8_matmul`."""
+    lead, k_in, k_out = x.shape[:x.ndim - n_in], kernel.shape[:n_in], kernel.shape[n_in:]
+    y = int8_matmul(x.reshape(-1, math.prod(k_in)), kernel.reshape(math.prod(k_in), -1), transposed=False)
+    y = y.reshape(*lead, *k_out) * scale  # float32
+    if bias is not None:
+        y = y + bias
+    return y.astype(dtype)
+
+
+def int8_tied_logits(x, embedding, scale):
+    """x (B, T, C) @ (embedding (V, C) int8 * scale (V,) per row)^T -> float32 logits (B, T, V); the rows are the
+    contracted layout as stored (no transposed copy)."""
+    B, T, C = x.shape
+    return (int8_matmul(x.reshape(B * T, C), embedding, transposed=True) * scale).reshape(B, T, -1)
+
+
+def int8_matmul(x, w, transposed: bool):
+    """x (N, K) float @ w (K, M) int8 (or w (M, K) when transposed) -> float32 (N, M), without w's scales.
+
+    XLA-CPU has no fast mixed int8 x float dot: converting w to float inside the program materialises the
+    converted copy (slower than the float32 dot), and an int8 dot whose left operand has one row takes a slow
+    path (~90 ms for (1, 768) x (768, 50304), against 5 ms from two rows). So x is quantized too, each row to two
+    int8 digits, x ~= s_hi * hi + s_lo * lo (`int8_rows`: about 16 bits of x's precision), and both digits go
+    through ONE int8 x int8 dot of 2N rows accumulated in int32: never one row, and exact, so a row's result
+    depends on that row alone, not on the rest of the batch. int32 cannot overflow: each product is at most
+    127 * 127 = 16129 in magnitude, so a sum of K of them stays below 2^31 for K < 133,000 (GPT-2 XL's widest
+    contraction, its MLP's 4 * 1600 = 6400, reaches 1.0e8)."""
+    digits, s_hi, s_lo = int8_rows(x)
+    acc = jax.lax.dot_general(digits, w, (((1,), (1 if transposed else 0,)), ((), ())),
+                              preferred_element_type=jnp.int32)  # (2N, M)
+    n = x.shape[0]
+    return acc[:n].astype(jnp.float32) * s_hi + acc[n:].astype(jnp.float32) * s_lo
+
+
+def int8_rows(x):
+    """x (N, K) -> (digits (2N, K) int8: [hi; lo], s_hi (N, 1), s_lo (N, 1)) with x ~= s_hi * hi + s_lo * lo.
+
+    Per row, symmetric: s_hi = max|x| / 127, hi = round(x / s_hi); the remainder, at most s_hi / 2 in magnitude,
+    in steps of s_lo = s_hi / 254: |error| <= s_lo / 2 = max|x| / 64516."""
+    x = x.astype(jnp.float32)
+    peak = jnp.max(jnp.abs(x), axis=-1, keepdims=True)
+    s_hi = jnp.where(peak > 0, peak / 127, 1.0)  # a row of zeros: digits 0
+    hi = jnp.clip(jnp.round(x / s_hi), -127, 127)
+    s_lo = s_hi / 254
+    lo = jnp.clip(jnp.round((x - hi * s_hi) / s_lo), -127, 127)
+    return jnp.concatenate([hi, lo]).astype(jnp.int8), s_hi, s_lo
+
 def gelu(x, approximate: bool):
     # In float32 whatever the compute dtype: in bfloat16 XLA-CPU would round after every op of the formula.
     return jax.nn.gelu(x.astype(jnp.float32), approximate=approximate).astype(x.dtype)
@@ -205,7 +253,7 @@ def matmul(x, w):
     PyTorch's autocast. w's gradient stays float32."""
     if x.dtype == jnp.float32:
         return jnp.dot(x, w.astype(jnp.float32), preferred_element_type=jnp.float32)
-    return _half_matmul(x, w, False)
+    return _two_rows(lambda x: _half_matmul(x, w, False), x)
 
 
 def matmul_nt(x, w):
@@ -213,7 +261,16 @@ def matmul_nt(x, w):
     untransposed (XLA-CPU upcasts the transposed half-precision form to float32)."""
     if x.dtype == jnp.float32:
         return matmul(x, w.T)
-    return _half_matmul(x, w, True)
+    return _two_rows(lambda x: _half_matmul(x, w, True), x)
+
+
+def _two_rows(product, x):
+    """product(x) for x (N, K), with a one-row x padded to two in a half dtype on CPU: there XLA's dot of a
+    one-row half-precision (or int8) left operand takes a slow path, ~90 ms for (1, 768) x (768, 50304) in
+    bfloat16 against 11 ms from two rows (batch-1 decoding)."""
+    if x.shape[0] != 1 or not _half_on_cpu(x):
+        return product(x)
+    return product(jnp.concatenate([x, jnp.zeros_like(x)]))[:1]
 
 
 def _half_on_cpu(a) -> bool:
