@@ -96,15 +96,20 @@ def sample_rows(logits, temperature, top_k, top_p, keys, *, mode: str, k_max: in
     return jnp.where(temperature > 0, drawn, greedy)
 
 
+def _merge(model_def, leaves) -> GPT:
+    graphdef, treedef = model_def
+    return nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
+
+
 def _row_keys(key_data, count):
     """The key of each row's token number `count`: its own seed's key folded with the count."""
     return jax.vmap(lambda k, c: jax.random.fold_in(jax.random.wrap_key_data(k), c))(key_data, count)
 
 
-def _prefill(graphdef, params, ks, vs, ids, lengths, rows, temperature, top_k, top_p, key_data, *, mode, k_max):
+def _prefill(model_def, params, ks, vs, ids, lengths, rows, temperature, top_k, top_p, key_data, *, mode, k_max):
     """ids (n, P) right-padded prompts of `lengths` into cache rows `rows` (an index past the cache: a padding row,
     dropped) -> (ks, vs, each row's first token)."""
-    model = nnx.merge(graphdef, params)
+    model = _merge(model_def, params)
     n, P = ids.shape
     x, caches = model.hidden(ids, cache=[PrefillCache()] * len(ks), positions=jnp.arange(P)[None])
     last = x[jnp.arange(n), lengths - 1]  # (n, C): the head only where the next token is read
@@ -116,10 +121,10 @@ def _prefill(graphdef, params, ks, vs, ids, lengths, rows, temperature, top_k, t
     return ks, vs, token
 
 
-def _decode(graphdef, params, ks, vs, token, pos, temperature, top_k, top_p, key_data, count, *, length, mode,
+def _decode(model_def, params, ks, vs, token, pos, temperature, top_k, top_p, key_data, count, *, length, mode,
             k_max):
     """One token for each of rows [0, b): token, pos (b,) -> (ks, vs, the next tokens)."""
-    model = nnx.merge(graphdef, params)
+    model = _merge(model_def, params)
     b = token.shape[0]
     caches = [SlotCache(k, v, pos, b, length) for k, v in zip(ks, vs)]
     logits, caches = model(token[:, None], cache=caches, positions=pos[:, None])
@@ -180,12 +185,13 @@ class Engine:
         if max_batch < 1 or max_batch & (max_batch - 1):
             raise UserValueError(f"max_batch={max_batch} must be a power of two")
         self.config, self.max_batch, self.eot_id, self.max_queue = model.config, max_batch, eot_id, max_queue
-        self.graphdef, self.params = nnx.split(model)
-        # graphdef bound, not static: a static graphdef is hashed at every call, milliseconds per step
-        self.prefill = jax.jit(functools.partial(_prefill, self.graphdef), static_argnames=("mode", "k_max"),
-                               donate_argnames=("ks", "vs"))
-        self.decode = jax.jit(functools.partial(_decode, self.graphdef), static_argnames=("length", "mode", "k_max"),
-                              donate_argnames=("ks", "vs"))
+        graphdef, state = nnx.split(model)
+        # The weights go in as a list of arrays, the structure bound: flattening an nnx.State, or hashing a static
+        # graphdef, at every call would cost milliseconds per step.
+        self.params, treedef = jax.tree.flatten(state)
+        bound = lambda f: functools.partial(f, (graphdef, treedef))
+        self.prefill = jax.jit(bound(_prefill), static_argnames=("mode", "k_max"), donate_argnames=("ks", "vs"))
+        self.decode = jax.jit(bound(_decode), static_argnames=("length", "mode", "k_max"), donate_argnames=("ks", "vs"))
         cfg = model.config
         self.max_len = -(-cfg.block_size // MIN_LENGTH) * MIN_LENGTH
         shape = (max_batch, cfg.n_kv_head or cfg.n_head, self.max_len, cfg.head_dim)

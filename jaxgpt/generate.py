@@ -170,13 +170,24 @@ def generate_on_device(graphdef, params, ids, start, key, eot_id, max_new_tokens
 
 
 @functools.lru_cache(maxsize=16)
-def programs(graphdef):
-    """prefill, decode_step and generate_on_device jitted with graphdef bound, once per model structure: as a
-    static argument, graphdef would be hashed at every call, milliseconds per token."""
-    bound = lambda f: functools.partial(f, graphdef)
-    return (jax.jit(bound(prefill), static_argnames=("sampler", "max_len")),
-            jax.jit(bound(decode_step), static_argnames=("sampler",), donate_argnames=("cache",)),
-            jax.jit(bound(generate_on_device), static_argnames=("sampler", "max_len")))
+def programs(graphdef, treedef):
+    """prefill, decode_step and generate_on_device jitted once per model structure, which they have bound; the
+    weights go in as a list of arrays. Hashing a static graphdef, or flattening an nnx.State, at every call
+    would cost milliseconds per token."""
+    weights = lambda leaves: jax.tree.unflatten(treedef, leaves)
+
+    def run_prefill(leaves, ids, start, key, eot_id, *, sampler, max_len):
+        return prefill(graphdef, weights(leaves), ids, start, key, eot_id, sampler=sampler, max_len=max_len)
+
+    def run_step(leaves, cache, carry, *, sampler):
+        return decode_step(graphdef, weights(leaves), cache, carry, sampler=sampler)
+
+    def run_all(leaves, ids, start, key, eot_id, max_new_tokens, *, sampler, max_len):
+        return generate_on_device(graphdef, weights(leaves), ids, start, key, eot_id, max_new_tokens,
+                                  sampler=sampler, max_len=max_len)
+    return (jax.jit(run_prefill, static_argnames=("sampler", "max_len")),
+            jax.jit(run_step, static_argnames=("sampler",), donate_argnames=("cache",)),
+            jax.jit(run_all, static_argnames=("sampler", "max_len")))
 
 
 def prompt_bucket(length: int) -> int:
@@ -251,8 +262,9 @@ def _generate_window(model: GPT, prompts: list[list[int]], *, max_new_tokens: in
     P = prompt_bucket(longest)
     max_len = cache_length(P, max_new_tokens)
     ids, start = left_pad(prompts, P)
-    graphdef, params = nnx.split(model)
-    run_prefill, run_step, run_all = programs(graphdef)
+    graphdef, state = nnx.split(model)
+    params, treedef = jax.tree.flatten(state)
+    run_prefill, run_step, run_all = programs(graphdef, treedef)
     key, eot = jax.random.key(seed), jnp.int32(-1 if eot_id is None else eot_id)
     if loop == "device":
         tokens = np.asarray(run_all(params, ids, start, key, eot, jnp.int32(max_new_tokens),

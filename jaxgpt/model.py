@@ -140,7 +140,7 @@ class Linear(nnx.Module):
         self.bias = (param(jax.nn.initializers.zeros, axes[len(d_in):], d_out, config, rngs) if config.bias
                      else None)
         self.n_in, self.ops = len(d_in), Ops.of(config)
-        self.scale = nnx.data(None)  # a Scale (*d_out) when the kernel is int8 (jaxgpt/quantize.py)
+        self.scale = nnx.data(None)  # a Scale (*d_out) when the kernel is int8, then stored (*d_out, *d_in)
         self.lora_scale = None
         if config.lora_rank and lora in config.lora_targets:  # B starts at 0: the adapted layer is the layer
             r = config.lora_rank

@@ -178,11 +178,11 @@ def test_no_recompilation_per_token_or_prompt_length(model, caplog):
         return lambda: generate.generate(model, [prompt], max_new_tokens=n, temperature=0.8, top_k=50, seed=seed,
                                          loop="python")
     first = compilations(caplog, sample([1, 2, 3], 20, 0))
-    assert first.count("jit(decode_step)") == 1  # 19 steps, one compilation
+    assert first.count("jit(run_step)") == 1  # 19 steps, one compilation
     # prompt lengths 9 and 13 share bucket 16; 20 + 16 and 40 + 16 new tokens share a 64-slot cache
     for prompt, n in (([5] * 9, 40), ([6] * 13, 20), ([7, 8] * 5, 33)):
         later = compilations(caplog, sample(prompt, n, 1))
-        assert not {"jit(prefill)", "jit(decode_step)"} & set(later), later
+        assert not {"jit(run_prefill)", "jit(run_step)"} & set(later), later
 
 
 def test_generation_past_block_size_continues_in_windows(model):

@@ -34,7 +34,7 @@ def test_int8_dense_within_its_quantization_error(kernels, n_in):
     q, scale = quantize.quantize(w.reshape(-1, 24), (0,)) if n_in == 1 else quantize.quantize(w, (0, 1))
     q = q.reshape(shape)
     assert q.dtype == jnp.int8 and scale.shape == (24,) and int(jnp.abs(q).max()) == 127
-    y = Ops(kernels).int8_dense(x, q, scale, bias, n_in)
+    y = Ops(kernels).int8_dense(x, jnp.moveaxis(q, -1, 0), scale, bias, n_in)  # stored outputs first
     exact = Ops("reference").dense(x, w, bias, n_in)
     x2 = np.asarray(x, np.float64).reshape(15, 64)
     bound = np.abs(x2).sum(1, keepdims=True) * np.asarray(scale)[None] / 2
@@ -132,7 +132,7 @@ def test_int8_rows_do_not_depend_on_the_batch():
     # batch 4, in float32 too, and the activations' rounding to digits carries such a bit to about 1e-4.)
     x, w = rand((4, 64), 6), rand((64, 96), 7, 0.1)
     q, scale = quantize.quantize(w, (0,))
-    ops = Ops()
+    q, ops = q.T, Ops()  # stored outputs first
     together = np.asarray(ops.int8_dense(x, q, scale))
     for row in range(4):
         np.testing.assert_array_equal(np.asarray(ops.int8_dense(x[row:row + 1], q, scale))[0], together[row])

@@ -20,11 +20,8 @@ ATTENTION = ("auto", "blocked", "xla", "cudnn")
 ACTIVATIONS = ("gelu_tanh", "gelu")  # GPT-2's (HF "gelu_new") and the exact erf form (nanoGPT's nn.GELU())
 
 
-def resolve_attention(name: str, dtype: str, masked: bool = False) -> str:
-    """The implementation attention `name` runs: masked (the KV cache), auto and blocked run XLA's, the proven path
-    for masks (the blocked kernel takes none)."""
-    if masked:
-        return "xla" if name in ("auto", "blocked") else name
+def resolve_attention(name: str, dtype: str) -> str:
+    """The implementation causal attention `name` runs (the KV cache's attention is generate.cache_attention)."""
     if name != "auto":
         return name
     half = jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
@@ -49,8 +46,8 @@ class Ops:
         return KERNELS[self.kernels].dense(x, kernel, bias, self.dtype, n_in)
 
     def int8_dense(self, x, kernel, scale, bias=None, n_in: int = 1):
-        """x (..., *K) @ (kernel (*K, *M) int8 * scale (*M) float32, its per-output-channel scales) + bias, in the
-        compute dtype: a weight-only int8 layer (jaxgpt/quantize.py)."""
+        """x (..., *K) @ (kernel (*M, *K) int8, stored outputs first, * scale (*M) float32, its per-output-channel
+        scales) + bias, in the compute dtype: a weight-only int8 layer (jaxgpt/quantize.py)."""
         return KERNELS[self.kernels].int8_dense(x, kernel, scale, bias, self.dtype, n_in)
 
     def int8_tied_logits(self, x, embedding, scale):
@@ -104,11 +101,6 @@ class Ops:
             k, v = (jnp.repeat(t, group, axis=2) for t in (k, v))  # the blocked kernel takes one head count
             return KERNELS[self.kernels].causal_attention(jnp.stack([q, k, v], axis=2))
         return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=implementation)
-
-    def masked_attention(self, q, k, v, mask):
-        """q (B, T, n_head, head_dim) against k, v (B, S, n_kv_head, head_dim) where mask (B, 1, T, S) holds."""
-        return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=resolve_attention(
-            self.attention, self.dtype, masked=True))
 
 
 def local_rows(B: int) -> int:

@@ -47,8 +47,11 @@ def chunked_cross_entropy(x, embedding, targets, n_valid):
 
 
 def int8_dense(x, kernel, scale, bias, dtype, n_in=1):
-    """The weight-only int8 layer's definition: the float32 layer over the dequantized kernel, kernel * scale."""
-    return dense(x.astype(jnp.float32), kernel.astype(jnp.float32) * scale, bias, dtype, n_in)
+    """The weight-only int8 layer's definition: the float32 layer over the dequantized kernel (*M, *K), its
+    outputs first, kernel * scale, moved back to (*K, *M)."""
+    m = kernel.ndim - n_in
+    w = kernel.astype(jnp.float32) * scale.reshape(*scale.shape, *[1] * n_in)
+    return dense(x.astype(jnp.float32), jnp.transpose(w, (*range(m, kernel.ndim), *range(m))), bias, dtype, n_in)
 
 
 def int8_tied_logits(x, embedding, scale):

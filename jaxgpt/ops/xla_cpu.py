@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from jaxgpt import sharding
 
 NEG_INF = -0.7 * float(jnp.finfo(jnp.float32).max)  # the mask value jax.nn.dot_product_attention uses
+DECODE_ROWS = 64  # up to this many rows, a float32 x @ w^T contracts w's rows in place (decoding's head)
 
 
 def dense(x, kernel, bias, dtype, n_in=1):
@@ -64,9 +65,9 @@ _half_contract.defvjp(_half_contract_fwd, _half_contract_bwd)
 
 
 def int8_dense(x, kernel, scale, bias, dtype, n_in=1):
-    """x (..., *K) @ (kernel (*K, *M) int8 * scale (*M) float32) + bias, computed as `int8_matmul`."""
-    lead, k_in, k_out = x.shape[:x.ndim - n_in], kernel.shape[:n_in], kernel.shape[n_in:]
-    y = int8_matmul(x.reshape(-1, math.prod(k_in)), kernel.reshape(math.prod(k_in), -1), transposed=False)
+    """x (..., *K) @ (kernel (*M, *K) int8, outputs first, * scale (*M) float32) + bias, as `int8_matmul`."""
+    lead, k_out, k_in = x.shape[:x.ndim - n_in], kernel.shape[:kernel.ndim - n_in], kernel.shape[kernel.ndim - n_in:]
+    y = int8_matmul(x.reshape(-1, math.prod(k_in)), kernel.reshape(-1, math.prod(k_in)), transposed=True)
     y = y.reshape(*lead, *k_out) * scale  # float32
     if bias is not None:
         y = y + bias
@@ -259,6 +260,8 @@ def matmul(x, w):
 def matmul_nt(x, w):
     """x (N, K) @ w (M, K)^T, as `matmul(x, w.T)`. In a half dtype the product contracts both last axes, w
     untransposed (XLA-CPU upcasts the transposed half-precision form to float32)."""
+    if x.dtype == jnp.float32 and x.shape[0] <= DECODE_ROWS:  # w as stored: matmul(x, w.T) copies w transposed
+        return jax.lax.dot_general(x, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
     if x.dtype == jnp.float32:
         return matmul(x, w.T)
     return _two_rows(lambda x: _half_matmul(x, w, True), x)
