@@ -325,3 +325,12 @@ def test_page_streams_in_a_headless_browser(model, model_dir, tmp_path):
     finally:
         proc.terminate()
         proc.wait(20)
+
+
+def test_serve_cli_errors_are_one_line(tmp_path):
+    for args, says in ((["--ckpt", str(tmp_path / "missing")], "no such model directory"),
+                       (["--ckpt", str(tmp_path), "--weights=fp8"], "float32|bfloat16|int8")):
+        r = subprocess.run([sys.executable, "-m", "jaxgpt.serve", *args], capture_output=True, text=True, timeout=120,
+                           env={**os.environ, "JAX_PLATFORMS": "cpu"})
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 1 and lines[-1].startswith("error: ") and says in lines[-1], r.stderr[-2000:]
