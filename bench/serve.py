@@ -29,7 +29,7 @@ import transformers
 from absl import app, flags
 
 import torch_bridge
-from jaxgpt import engine, quantize
+from jaxgpt import engine, quantize, serve
 
 FLAGS = flags.FLAGS
 
@@ -126,12 +126,7 @@ def load(hf, weights):
         url = f"http://127.0.0.1:{port}"
         import httpx
         try:
-            for _ in range(1200):
-                try:
-                    if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    time.sleep(0.25)
+            serve.wait_until_serving(url, 600, proc)
             rng = np.random.default_rng(0)
             start = time.perf_counter()
             for clients in (1, 2, 4, 8, 16, 32):  # every batch bucket compiles before timing

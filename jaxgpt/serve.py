@@ -21,7 +21,7 @@ from importlib import resources
 from absl import flags, logging
 
 from jaxgpt import cli, engine, sample
-from jaxgpt.errors import UserValueError
+from jaxgpt.errors import UserRuntimeError, UserValueError
 
 MAX_STOP = 4  # stop strings per request, as OpenAI
 
@@ -246,6 +246,24 @@ def _param(message: str) -> str | None:
         if name in message:
             return name.rstrip("=")
     return None
+
+
+def wait_until_serving(url: str, timeout: float = 300.0, process=None) -> None:
+    """Returns once GET {url}/healthz answers 200 (a server just launched compiles and loads first); raises
+    UserRuntimeError after `timeout` seconds, or once `process` (the server's subprocess.Popen) has exited."""
+    import urllib.error
+    import urllib.request
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise UserRuntimeError(f"the server exited with status {process.returncode} before serving {url}")
+        try:
+            with urllib.request.urlopen(f"{url}/healthz", timeout=1) as r:
+                if r.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            time.sleep(0.1)
+    raise UserRuntimeError(f"{url} did not answer /healthz within {timeout:.0f} s")
 
 
 def serve(model, tok, *, name: str, host: str, port: int, max_batch: int, weights: str, sockets=None):
