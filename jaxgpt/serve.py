@@ -102,7 +102,7 @@ class Server:
     def app(self):
         from fastapi import FastAPI, Request
         from fastapi.exceptions import RequestValidationError
-        from fastapi.responses import HTMLResponse, StreamingResponse
+        from fastapi.responses import HTMLResponse
         from starlette.exceptions import HTTPException
 
         app = FastAPI(title="jaxgpt", docs_url=None, redoc_url=None)
@@ -144,7 +144,6 @@ class Server:
         completions.__annotations__["body"] = CompletionRequest  # the class itself: it is local to this function
         app.post("/v1/completions")(completions)
 
-        self.streaming_response = StreamingResponse
         return app
 
     async def complete(self, body):
@@ -186,7 +185,6 @@ class Server:
             return error(429, str(e), kind="server_busy")
         head = dict(id=f"cmpl-{uuid.uuid4().hex[:24]}", object="text_completion", created=int(time.time()),
                     model=self.name)
-        owner = {base + c: r for base, r in zip(range(0, len(choices), body.n), requests) for c in range(body.n)}
 
         def cleanup():  # the client went away, or the handler ended: nothing of these requests runs on
             for r in requests:
@@ -204,7 +202,7 @@ class Server:
                     if kind == "token":
                         text = choices[c].add(value)
                         if choices[c].stopped:
-                            self.engine.cancel(owner[c], c % body.n)
+                            self.engine.cancel(requests[c // body.n], c % body.n)
                             open_.discard(c)
                             yield c, text, "stop"
                         elif text:
@@ -237,8 +235,9 @@ class Server:
                 yield "data: [DONE]\n\n"
             finally:
                 cleanup()
-        return self.streaming_response(events_stream(), media_type="text/event-stream",
-                                       headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        from fastapi.responses import StreamingResponse
+        return StreamingResponse(events_stream(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
 def _param(message: str) -> str | None:
