@@ -28,7 +28,11 @@ def get_config() -> ConfigDict:
     c.model.n_kv_head = 0  # 0: GPT-2's fused c_attn; n: separate q/k/v with n key/value heads (grouped-query)
     c.model.tie_embeddings = True  # the head shares wte (GPT-2); False: its own lm_head
     c.model.layer_norm_epsilon = 1e-5  # the norms' epsilon (GPT-2 1e-5, Llama 1e-6)
-    c.model.dtype = "float32"  # compute dtype: float32 or bfloat16 (parameters stay float32)
+    c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 | float16 (parameters stay float32; fp16 trains
+    # under optim.loss_scale)
+    # float32 matmuls on a GPU: default (XLA's: TF32, or JAX_DEFAULT_MATMUL_PRECISION) | high (bf16x3) | highest
+    # (full float32); on a CPU all three are float32
+    c.model.matmul_precision = "default"
     c.model.scan_layers = False  # compile one block and lax.scan over the layers (faster compiles for big models)
     c.model.remat = "none"  # activation checkpointing per block: none | full | dots
     c.model.attention = "auto"  # auto | blocked | xla | cudnn: the attention implementation (jaxgpt/ops)
@@ -65,6 +69,9 @@ def get_config() -> ConfigDict:
     c.optim.b2 = 0.95  # Adam beta2
     c.optim.eps = 1e-8  # Adam epsilon
     c.optim.grad_clip = 1.0  # clip by global norm; 0 disables
+    # float16's loss scale: auto (dynamic for float16, none otherwise) | dynamic | none | a fixed number
+    c.optim.loss_scale = "auto"
+    c.optim.loss_scale_period = 2000  # dynamic: finite steps in a row before the scale doubles (it halves on overflow)
 
     c.max_steps = 5000  # optimizer steps to train for
     c.eval_every = 500  # steps between evaluations (val loss, sample, checkpoint)

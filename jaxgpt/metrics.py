@@ -19,6 +19,7 @@ from collections.abc import Callable
 import jax
 import numpy as np
 
+from jaxgpt import loss_scale
 from jaxgpt.errors import UserError, UserRuntimeError
 
 PEAK_BF16_FLOPS = {  # device_kind substring -> dense bf16 FLOP/s of one device (vendor datasheets)
@@ -76,7 +77,10 @@ class StepLog:
             return
         (first, call_metrics), self.pending = self.pending, None
         values = {k: np.asarray(v) for k, v in jax.device_get(call_metrics).items()}  # each (steps in the call,)
-        bad = np.flatnonzero(~(np.isfinite(values["loss"]) & np.isfinite(values["grad_norm"])))
+        finite = np.isfinite(values["loss"]) & np.isfinite(values["grad_norm"])
+        if "skipped" in values:  # float16: a skipped step is the loss scale at work, until the scale is at its least
+            finite |= (values.pop("skipped") > 0) & (values["loss_scale"] > loss_scale.MIN_SCALE)
+        bad = np.flatnonzero(~finite)
         if bad.size:
             i = bad[0]
             raise NonFiniteLoss(first + i, f"loss {values['loss'][i]}, grad norm {values['grad_norm'][i]}",
@@ -96,6 +100,8 @@ class StepLog:
         row["tokens_per_sec"] = tok_s
         line = (f"step {step}: loss {row['loss']:.4f}, lr {row['lr']:.2e}, grad norm {row['grad_norm']:.3f}, "
                 f"{tok_s:,.0f} tok/s")
+        if "loss_scale" in row:
+            line += f", loss scale {row['loss_scale']:g} ({row['skipped_steps']:.0f} skipped)"
         if self.peak_flops:
             row["mfu"] = self.flops_per_token * tok_s / self.peak_flops
             line += f", MFU {100 * row['mfu']:.1f}%"

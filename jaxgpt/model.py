@@ -11,6 +11,7 @@ Compute runs in `config.dtype` over `config.param_dtype` weights, through the ke
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -34,7 +35,11 @@ REMAT_POLICIES = {  # config.remat -> what a rematerialised block keeps from its
 }
 NORMS, MLPS, POSITIONS = ("layernorm", "rmsnorm"), ("gelu", "swiglu"), ("learned", "rope")
 # GPTConfig fields that change how a model computes, not its weights: every loader may override them.
-COMPUTE_FIELDS = ("dtype", "dropout", "scan_layers", "remat", "attention", "kernels", "loss_chunk")
+COMPUTE_FIELDS = ("dtype", "dropout", "scan_layers", "remat", "attention", "kernels", "loss_chunk", "matmul_precision")
+DTYPES = ("float32", "bfloat16", "float16")
+# matmul_precision -> jax.default_matmul_precision's value: what a float32 matmul means on a GPU (TF32 / bf16x3 /
+# float32); None leaves JAX's own setting (JAX_DEFAULT_MATMUL_PRECISION, else XLA's default: TF32 on NVIDIA GPUs)
+MATMUL_PRECISIONS = {"default": None, "high": "high", "highest": "highest"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,7 +53,7 @@ class GPTConfig:
     dropout: float = 0.0  # on embeddings and both residual branches, in training only
     bias: bool = True  # biases in Linear and LayerNorm layers (GPT-2: True; nanoGPT allows False)
     activation: str = "gelu_tanh"  # the MLP's GELU: gelu_tanh (GPT-2, HF gelu_new) | gelu (exact erf, nanoGPT)
-    dtype: str = "float32"  # compute dtype (float32 or bfloat16)
+    dtype: str = "float32"  # compute dtype: float32, bfloat16 or float16 (fp16 trains under a loss scale)
     param_dtype: str = "float32"  # master weights
     layer_norm_epsilon: float = 1e-5
     init_std: float = 0.02  # std of the normal init; c_proj layers use init_std / sqrt(2 * n_layer)
@@ -57,6 +62,7 @@ class GPTConfig:
     attention: str = "auto"  # auto | blocked | xla | cudnn (see jaxgpt/ops)
     kernels: str = "fast"  # fast | reference (plain jnp): the kernel set of jaxgpt/ops
     loss_chunk: int = 4096  # tokens per device whose logits the loss holds at once; 0: the whole batch's
+    matmul_precision: str = "default"  # float32 matmuls on a GPU: default (TF32) | high (bf16x3) | highest (float32)
     norm: str = "layernorm"  # layernorm (GPT-2) | rmsnorm (scale only, no bias)
     mlp: str = "gelu"  # gelu (GPT-2: c_fc, GELU, c_proj) | swiglu (c_proj(silu(c_gate(x)) * c_fc(x)), as Llama)
     mlp_hidden: int = 0  # the MLP's width; 0: 4 * n_embd (gelu) or 8/3 * n_embd rounded up to 256 (swiglu)
@@ -85,7 +91,8 @@ class GPTConfig:
         if self.positions == "rope" and self.head_dim % 2:
             raise UserValueError(f"rotary positions need an even head_dim, got {self.head_dim}")
         for name, allowed in (("remat", REMAT_POLICIES), ("attention", ATTENTION), ("kernels", KERNELS),
-                              ("activation", ACTIVATIONS), ("norm", NORMS), ("mlp", MLPS), ("positions", POSITIONS)):
+                              ("activation", ACTIVATIONS), ("norm", NORMS), ("mlp", MLPS), ("positions", POSITIONS),
+                              ("dtype", DTYPES), ("param_dtype", DTYPES), ("matmul_precision", MATMUL_PRECISIONS)):
             if getattr(self, name) not in allowed:
                 raise UserValueError(f"{name}={getattr(self, name)!r}: expected one of {list(allowed)}")
 
@@ -108,6 +115,19 @@ class GPTConfig:
     @property
     def n_valid_vocab(self) -> int:
         return min(self.vocab_size, self.valid_vocab_size or self.vocab_size)
+
+
+def with_matmul_precision(method):
+    """Runs a GPT method under its config's matmul_precision: every dot it traces takes it, and so do their
+    gradients (autodiff's transposed dots keep the forward's precision; the kernels' own backward passes too)."""
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        precision = MATMUL_PRECISIONS[self.config.matmul_precision]
+        if precision is None:
+            return method(self, *args, **kwargs)
+        with jax.default_matmul_precision(precision):
+            return method(self, *args, **kwargs)
+    return run
 
 
 def dropout(x, rate: float, key: jax.Array | None):
@@ -318,6 +338,7 @@ class GPT(nnx.Module):
                                  (config.vocab_size, config.n_embd), config, rngs)
             self.lm_head_scale = nnx.data(None)  # a Scale (V,) when lm_head is int8
 
+    @with_matmul_precision
     def __call__(self, idx, *, rng: jax.Array | None = None, cache=None, positions=None):
         """idx (B, T) int tokens -> float32 logits (B, T, vocab_size).
 
@@ -326,15 +347,21 @@ class GPT(nnx.Module):
         x, cache = self.hidden(idx, rng=rng, cache=cache, positions=positions)
         return self.logits(x), cache
 
-    def loss(self, idx, targets, *, rng: jax.Array | None = None):
+    @with_matmul_precision
+    def loss(self, idx, targets, *, rng: jax.Array | None = None, scale=None):
         """idx, targets (B, T) -> the mean cross-entropy of the targets >= 0, float32: cross_entropy(logits,
-        targets) with the logits of about loss_chunk tokens per device at a time (jaxgpt/ops), never all."""
-        x, _ = self.hidden(idx, rng=rng)
-        if self.config.loss_chunk == 0:
-            return cross_entropy(self.logits(x), targets)
-        return self.ops.tied_cross_entropy(x, self.head(), targets, self.config.n_valid_vocab,
-                                           self.config.loss_chunk)
+        targets) with the logits of about loss_chunk tokens per device at a time (jaxgpt/ops), never all.
 
+        scale: the loss comes back multiplied by it (float16's loss scale, jaxgpt/loss_scale.py), so that the
+        gradients the chunked loss takes in its forward pass are scaled before they are rounded to float16."""
+        x, _ = self.hidden(idx, rng=rng)
+        scale = 1.0 if scale is None else scale
+        if self.config.loss_chunk == 0:
+            return cross_entropy(self.logits(x), targets) * scale
+        return self.ops.tied_cross_entropy(x, self.head(), targets, self.config.n_valid_vocab,
+                                           self.config.loss_chunk, scale)
+
+    @with_matmul_precision
     def hidden(self, idx, *, rng: jax.Array | None = None, cache=None, positions=None):
         """idx (B, T) -> (the head's input: ln_f's output (B, T, C) in the compute dtype, cache); as __call__."""
         cfg = self.config
@@ -383,6 +410,7 @@ class GPT(nnx.Module):
             return self.wte.embedding[...], None if self.wte.scale is None else self.wte.scale[...]
         return self.lm_head[...], None if self.lm_head_scale is None else self.lm_head_scale[...]
 
+    @with_matmul_precision
     def logits(self, x):
         """The head. Padded vocab rows get -inf logits: softmax gives them probability 0, so they are never
         sampled, and since targets are real tokens they never change a loss (nor receive gradient)."""

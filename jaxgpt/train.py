@@ -17,7 +17,7 @@ from absl import flags, logging
 from flax import nnx
 from ml_collections import ConfigDict, config_flags
 
-from jaxgpt import checkpoint, cli, data, loader, metrics, model, sharding, tokenizer
+from jaxgpt import checkpoint, cli, data, loader, loss_scale, metrics, model, sharding, tokenizer
 from jaxgpt.errors import UserFileNotFoundError, UserValueError
 from jaxgpt.step import TrainState, fresh_state, make_steps
 
@@ -85,7 +85,7 @@ class Trainer:
         """Resumes from the workdir's latest checkpoint when there is one, else starts per init_from."""
         latest = self.manager.latest_step()
         if latest is not None:
-            self._check_fits(checkpoint.saved_config(self.manager, latest)["model"], latest)
+            self._check_fits(checkpoint.saved_config(self.manager, latest), latest)
             params, items = checkpoint.restore_training(
                 self.manager, latest, params=self.steps.abstract_state.params,
                 train=self.steps.abstract_state.train_items(), data_iterator=self.train_data)
@@ -105,14 +105,21 @@ class Trainer:
                                  "nanogpt:FILE or ckpt:DIR")
         return fresh_state(self.steps, self.model_config, self.config.seed, params), 0
 
-    def _check_fits(self, saved: dict, step: int):
-        """A workdir's checkpoint must be of this config's model (compute-only fields may differ)."""
+    def _check_fits(self, saved_config: dict, step: int):
+        """A workdir's checkpoint must be of this config's model (compute-only fields may differ), and hold a loss
+        scale exactly when this run has one (float16)."""
         ours = dataclasses.asdict(self.model_config)
-        saved = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()}  # JSON keeps tuples as lists
+        saved = {k: tuple(v) if isinstance(v, list) else v for k, v in saved_config["model"].items()}  # JSON: lists
         if diff := [f"{k}={saved.get(k)!r} there, {v!r} here" for k, v in ours.items()
                     if k not in model.COMPUTE_FIELDS and saved.get(k, v) != v]:
             raise UserValueError(f"{self.workdir} holds a checkpoint (step {step}) of another model: "
                                  f"{', '.join(diff)}; train in a new --workdir, or with the config that made it")
+        setting = saved_config["train"]["optim"].get("loss_scale", "auto")  # older checkpoints: auto
+        if (loss_scale.resolve(setting, saved["dtype"]) is None) != (self.steps.loss_scale is None):
+            raise UserValueError(
+                f"{self.workdir}'s checkpoint (step {step}) was trained with model.dtype={saved['dtype']} and "
+                f"optim.loss_scale={setting}, which {'does not' if self.steps.loss_scale else 'does'} keep a loss "
+                f"scale; resume with those, or start a new --workdir with --config.init_from={self.workdir}")
 
     def last_checkpoint(self) -> int | None:
         """The latest complete checkpoint's step, once the saves in flight are done."""

@@ -1,7 +1,15 @@
 """Shared fixtures: small random-init Hugging Face GPT-2 and Llama models (nothing is downloaded)."""
 import importlib.util
+import os
 
+import jax
 import pytest
+
+# float32 means float32 in every test, on any backend: XLA runs a GPU's float32 matmuls in TF32 by default (the HF
+# parity check was 1.9e-4 off on an H200). Models of matmul_precision=default (no setting of their own) follow it;
+# the CLI tests' subprocesses read the variable.
+os.environ["JAX_DEFAULT_MATMUL_PRECISION"] = "highest"
+jax.config.update("jax_default_matmul_precision", "highest")
 
 # These compare against PyTorch and Hugging Face: without torch installed, the other tests still run.
 TORCH_TESTS = ["test_bridge.py", "test_evaluate.py", "test_generate.py", "test_hf_export.py", "test_llama.py",

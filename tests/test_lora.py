@@ -38,7 +38,7 @@ def whole(setup):
 def lora_config(data, hf_dir, **overrides):
     config = importlib.import_module("configs.tiny").get_config()
     config.update_from_flattened_dict({"data.dir": data, "init_from": f"hf:{hf_dir}", "lora.rank": 4,
-                                       "lora.targets": "attn,mlp", "optim.lr": 1e-2, "max_steps": 4,
+                                       "lora.alpha": 8.0, "lora.targets": "attn,mlp", "optim.lr": 1e-2, "max_steps": 4,
                                        "eval_every": 2, "sample_tokens": 0, "optim.warmup_steps": 1, **overrides})
     return config
 
@@ -82,7 +82,7 @@ def test_resume_is_bit_exact(setup, whole):
 def test_export_merges_the_adapters_and_sample_uses_the_run(whole, tmp_path):
     import torch
     lora = checkpoint.load_model(str(whole[0]))  # what `sample --ckpt=WORKDIR` and `evaluate --ckpt=WORKDIR` load
-    assert lora.config.lora_rank == 4
+    assert (lora.config.lora_rank, lora.config.lora_alpha) == (4, 8.0)  # the run's settings, not the defaults
     hf_dir = torch_bridge.save_hf(lora, str(tmp_path / "hf"))
     import transformers
     hf = transformers.GPT2LMHeadModel.from_pretrained(hf_dir, attn_implementation="eager").eval()

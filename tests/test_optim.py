@@ -49,15 +49,16 @@ def optim_config(**overrides) -> ConfigDict:
 
 @pytest.mark.parametrize("warmup", list(REFERENCE_LR))
 def test_schedule_matches_the_reference_get_lr(warmup):
-    o = optim_config(lr=6e-4, min_lr_ratio=0.1, warmup_steps=100, decay_steps=1000, warmup=warmup)
+    # lr, min_lr_ratio and warmup_steps away from their defaults (6e-4, 0.1, 100): an ignored field would show
+    o = optim_config(lr=1e-3, min_lr_ratio=0.2, warmup_steps=120, decay_steps=1000, warmup=warmup)
     schedule = jax.jit(optim.learning_rate_schedule(o, max_steps=5000))  # a traced int32 step, as optax's count
-    steps = [0, 1, 37, 99, 100, 101, 550, 999, 1000, 1001, 4999]  # warmup, its end, mid-decay, the decay's end, past
+    steps = [0, 1, 37, 119, 120, 121, 550, 999, 1000, 1001, 4999]  # warmup, its end, mid-decay, the decay's end, past
     ours = [float(schedule(jnp.int32(s))) for s in steps]
-    expected = [REFERENCE_LR[warmup](s, 6e-4, 6e-5, 100, 1000) for s in steps]
+    expected = [REFERENCE_LR[warmup](s, 1e-3, 2e-4, 120, 1000) for s in steps]
     np.testing.assert_allclose(ours, expected, rtol=1e-6, atol=0)
-    first = 6e-4 / 101 if warmup == "nanogpt" else 6e-4 / 100
-    assert ours[0] == pytest.approx(first, rel=1e-7)
-    assert ours[-3:] == [pytest.approx(6e-5, rel=1e-7)] * 3
+    first = 1e-3 / 121 if warmup == "nanogpt" else 1e-3 / 120
+    assert ours[0] == pytest.approx(first, rel=3e-7)  # float32 arithmetic: a few roundings of 6e-8
+    assert ours[-3:] == [pytest.approx(2e-4, rel=3e-7)] * 3
 
 
 def test_decay_steps_zero_means_max_steps_and_no_warmup_starts_at_the_peak():

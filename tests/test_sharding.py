@@ -29,7 +29,8 @@ def data_dir(tmp_path_factory):
 
 
 def worker(jobs, devices, *distributed, background=False):
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+           "PYTHONPATH": str(REPO)}  # the checkout under test, whatever else is installed
     command = [sys.executable, "tests/mesh_worker.py", json.dumps(jobs), *map(str, distributed)]
     if background:
         return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

@@ -62,9 +62,10 @@ class Ops:
         """x (B, T, C) @ embedding (V, C)^T -> float32 logits (B, T, V)."""
         return KERNELS[self.kernels].tied_logits(x, embedding)
 
-    def tied_cross_entropy(self, x, embedding, targets, n_valid: int, chunk_tokens: int):
+    def tied_cross_entropy(self, x, embedding, targets, n_valid: int, chunk_tokens: int, scale=1.0):
         """The mean cross-entropy of the tied head's logits x (B, T, C) @ embedding (V, C)^T against targets
-        (B, T), float32; targets < 0 are ignored and vocab rows >= n_valid excluded (-inf logits).
+        (B, T), float32, times `scale` (a loss scale); targets < 0 are ignored and vocab rows >= n_valid excluded
+        (-inf logits).
 
         The logits of about chunk_tokens tokens per device exist at a time: each example's positions go in chunks
         of c, every example at once, so a batch split over S devices stays split and the chunk loop runs on every
@@ -82,7 +83,7 @@ class Ops:
         ts = targets.reshape(B // b, b, n, c).transpose(2, 0, 1, 3)  # (n, S, b, c)
         xs = sharding.constrain(xs, (None, "batch", None, None, None))
         ts = sharding.constrain(ts, (None, "batch", None, None))
-        return KERNELS[self.kernels].chunked_cross_entropy(xs, embedding, ts, n_valid)
+        return KERNELS[self.kernels].chunked_cross_entropy(xs, embedding, ts, n_valid, scale)
 
     def causal_attention(self, qkv):
         """qkv (B, T, 3, n_head, head_dim), c_attn's output -> y (B, T, n_head, head_dim)."""

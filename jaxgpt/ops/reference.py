@@ -30,9 +30,9 @@ def causal_attention(qkv):
     return jnp.einsum("bhqk,bkhd->bqhd", probs, v, preferred_element_type=jnp.float32).astype(v.dtype)
 
 
-def chunked_cross_entropy(x, embedding, targets, n_valid):
+def chunked_cross_entropy(x, embedding, targets, n_valid, scale=1.0):
     """x (n, S, b, c, C), targets (n, S, b, c): a loop over the n chunks whose backward pass recomputes each
-    chunk's logits (jax.checkpoint) instead of storing them."""
+    chunk's logits (jax.checkpoint) instead of storing them. The mean loss times scale."""
     @jax.checkpoint
     def chunk_nll(xc, tc):  # (S, b, c, C), (S, b, c) -> summed NLL
         xc, tc = xc.reshape(-1, *xc.shape[2:]), tc.reshape(-1, tc.shape[-1])  # (S * b, c, C), (S * b, c)
@@ -43,7 +43,7 @@ def chunked_cross_entropy(x, embedding, targets, n_valid):
         nll = -jnp.take_along_axis(logp, jnp.where(valid, tc, 0)[..., None], axis=-1)[..., 0]
         return jnp.sum(jnp.where(valid, nll, 0.0))
     sums = jax.lax.map(lambda chunk: chunk_nll(*chunk), (x, targets))  # (n,)
-    return jnp.sum(sums) / jnp.maximum(jnp.sum(targets >= 0), 1)
+    return jnp.sum(sums) / jnp.maximum(jnp.sum(targets >= 0), 1) * scale
 
 
 def int8_dense(x, kernel, scale, bias, dtype, n_in=1):

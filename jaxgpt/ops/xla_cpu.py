@@ -122,36 +122,38 @@ def tied_logits(x, embedding):
     return matmul_nt(x.reshape(B * T, C), embedding).reshape(B, T, -1)
 
 
-def chunked_cross_entropy(x, embedding, targets, n_valid):
+def chunked_cross_entropy(x, embedding, targets, n_valid, scale=1.0):
     """x (n, S, b, c, C), targets (n, S, b, c): a loop over the n chunks under one custom VJP. Differentiated, the
     forward pass also takes each chunk's gradients (softmax - one-hot, through the head's two backward matmuls), so
     the logits are computed once and never stored: the head's three matmuls per token, as without chunks (fused
-    cross-entropy kernels do the same). The backward pass only scales those gradients by the loss's cotangent."""
-    return _chunked_cross_entropy(x, embedding, targets, n_valid)
+    cross-entropy kernels do the same). The backward pass only scales those gradients by the loss's cotangent.
+    The mean loss times `scale`: a loss scale reaches the gradients before they are rounded to the compute dtype."""
+    return _chunked_cross_entropy(x, embedding, targets, jnp.asarray(scale, jnp.float32), n_valid)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _chunked_cross_entropy(x, embedding, targets, n_valid):
-    return _cross_entropy_chunks(x, embedding, targets, n_valid, with_grads=False)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _chunked_cross_entropy(x, embedding, targets, scale, n_valid):
+    return _cross_entropy_chunks(x, embedding, targets, n_valid, scale, with_grads=False)[0]
 
 
-def _chunked_cross_entropy_fwd(x, embedding, targets, n_valid):
-    loss, dx, dw = _cross_entropy_chunks(x, embedding, targets, n_valid, with_grads=True)
-    return loss, (dx, dw.astype(embedding.dtype))
+def _chunked_cross_entropy_fwd(x, embedding, targets, scale, n_valid):
+    loss, dx, dw = _cross_entropy_chunks(x, embedding, targets, n_valid, scale, with_grads=True)
+    return loss, (dx, dw.astype(embedding.dtype), loss / scale)
 
 
 def _chunked_cross_entropy_bwd(n_valid, residuals, g):
-    dx, dw = residuals
-    scale = lambda d: (g * d.astype(jnp.float32)).astype(d.dtype)
-    return scale(dx), scale(dw), None
+    dx, dw, unscaled = residuals
+    times_g = lambda d: (g * d.astype(jnp.float32)).astype(d.dtype)
+    return times_g(dx), times_g(dw), None, g * unscaled
 
 
 _chunked_cross_entropy.defvjp(_chunked_cross_entropy_fwd, _chunked_cross_entropy_bwd)
 
 
-def _cross_entropy_chunks(x, embedding, targets, n_valid, with_grads: bool):
-    """-> (mean NLL, and with_grads: its gradients dx (n, S, b, c, C) in x's dtype and dw (V, C) float32). The
-    sums over tokens stay one per batch shard (S) until the loop ends: on a mesh, one reduction, not one a chunk."""
+def _cross_entropy_chunks(x, embedding, targets, n_valid, scale, with_grads: bool):
+    """-> (mean NLL times scale, and with_grads: its gradients dx (n, S, b, c, C) in x's dtype and dw (V, C)
+    float32). The sums over tokens stay one per batch shard (S) until the loop ends: on a mesh, one reduction, not
+    one a chunk."""
     n, S, b, c, C = x.shape
     V = embedding.shape[0]
     w = embedding.astype(x.dtype)
@@ -170,7 +172,8 @@ def _cross_entropy_chunks(x, embedding, targets, n_valid, with_grads: bool):
         nll = sharding.constrain(nll.reshape(S, -1).sum(-1), ("batch",))
         if not with_grads:
             return nll, None, None
-        dlogits = (jnp.exp(logits - lse[:, None]) - (jnp.arange(V) == t[:, None])) * (valid / count)[:, None]
+        weight = valid * scale / count  # (N,): the mean's weight of each token, times the loss scale
+        dlogits = (jnp.exp(logits - lse[:, None]) - (jnp.arange(V) == t[:, None])) * weight[:, None]
         dlogits = dlogits.astype(x.dtype)  # rounded to the compute dtype, as the unchunked head's backward pass
         dx = jnp.dot(dlogits, w, preferred_element_type=jnp.float32).astype(x.dtype)  # (N, C)
         if S == 1:  # 2-D, faster on CPU
@@ -190,23 +193,24 @@ def _cross_entropy_chunks(x, embedding, targets, n_valid, with_grads: bool):
         dw0 = jnp.zeros((S, V, C), jnp.float32) if with_grads else None
         (nll, dw), dx = jax.lax.scan(body, (jnp.zeros((S,), jnp.float32), dw0), (x, targets))
     dw = None if dw is None else sharding.constrain(dw.sum(0), ("vocab", "embed"))  # (V, C), laid out as wte
-    return nll.sum() / count, dx, dw
+    return nll.sum() / count * scale, dx, dw
 
 
 def causal_attention(qkv, block: int = 128):
     """The 'blocked' attention: q, k, v go heads-major, (B, n_head, T, head_dim), so the products are batched
     matmuls with the batch and head axes leading; queries go in blocks of `block` rows, each against only the keys
     up to its last row, so the fully masked blocks above the diagonal are never computed. One custom VJP covers
-    the whole op, head split and merge included, and writes the gradient once, in qkv's layout."""
-    return _causal_attention(qkv, block)
+    the whole op, head split and merge included, and writes the gradient once, in qkv's layout. The backward pass
+    runs under the matmul precision the forward pass was traced with."""
+    return _causal_attention(qkv, block, jax.config.jax_default_matmul_precision)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def _causal_attention(qkv, block):
-    return _causal_attention_fwd(qkv, block)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _causal_attention(qkv, block, precision):
+    return _causal_attention_fwd(qkv, block, precision)[0]
 
 
-def _causal_attention_fwd(qkv, block):
+def _causal_attention_fwd(qkv, block, precision):
     q, k, v = qkv.transpose(2, 0, 3, 1, 4)  # each (B, n_head, T, head_dim)
     ys, probs = [], []
     for start in range(0, q.shape[2], block):
@@ -223,9 +227,14 @@ def _causal_attention_fwd(qkv, block):
     return y, (q, k, v, probs)
 
 
-def _causal_attention_bwd(block, residuals, dy):
+def _causal_attention_bwd(block, precision, residuals, dy):
     """Every matmul in the compute dtype, the score gradient rounded to it first (as under PyTorch's autocast),
     the blocks' key and value gradients summed in float32; in float32 this is exactly autodiff's arithmetic."""
+    with jax.default_matmul_precision(precision):
+        return _causal_attention_grads(block, residuals, dy)
+
+
+def _causal_attention_grads(block, residuals, dy):
     q, k, v, probs = residuals
     dtype = v.dtype
     dy = dy.astype(dtype).transpose(0, 2, 1, 3)  # (B, n_head, T, head_dim)

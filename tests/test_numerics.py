@@ -1,0 +1,223 @@
+"""Numerics: model.matmul_precision reaches every dot of the compiled programs; float16 training under a loss scale
+(jaxgpt/loss_scale.py) skips exactly the steps whose gradients overflow, scales the gradients the chunked loss takes
+in its forward pass, and trains as bfloat16 does."""
+import re
+import threading
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs import base
+from jaxgpt import engine, generate, loss_scale, sharding, step
+from jaxgpt import model as gpt
+from jaxgpt.errors import UserValueError
+from jaxgpt.ops import reference, xla_cpu
+
+SMALL = dict(vocab_size=128, valid_vocab_size=100, block_size=32, n_layer=2, n_head=2, n_embd=32)
+
+
+def dot_precisions(hlo: str) -> list[str]:
+    """The precision of every dot_general in lowered StableHLO text ('' where it has none)."""
+    dots = re.findall(r"stablehlo\.dot_general[^\n]*", hlo)
+    assert dots, "no dots found"
+    return [m.group(1) if (m := re.search(r"precision = \[(\w+), \1\]", d)) else "" for d in dots]
+
+
+def spy(target, name, seen):
+    """Wraps target.name (a jitted function) to record the lowered text of each call's program in seen[name]."""
+    fn = getattr(target, name)
+
+    def lowered_then_called(*args, **kwargs):
+        seen.setdefault(name, fn.lower(*args, **kwargs).as_text())
+        return fn(*args, **kwargs)
+    return lowered_then_called
+
+
+def lowered_programs(config: gpt.GPTConfig) -> dict[str, str]:
+    """The StableHLO of the train step (forward, backward, optimizer), the evaluation loss, generation (prefill,
+    decode step, the device loop) and the serving engine's prefill and decode for one model config."""
+    c = base.get_config()
+    c.update_from_flattened_dict({"max_steps": 4, "optim.warmup_steps": 1, "mesh.data": 1})
+    steps = step.make_steps(c, config, sharding.make_mesh(c.mesh, jax.devices()[:1]))
+    batch = {k: jax.ShapeDtypeStruct((1, 1, 2, config.block_size), jnp.int32) for k in ("inputs", "targets")}
+    seen = {"train_steps": steps.train_steps.lower(steps.abstract_state, batch).as_text(),
+            "eval_loss": steps.eval_loss.lower(steps.abstract_state.params, {
+                k: jax.ShapeDtypeStruct((1, 2, config.block_size), jnp.int32) for k in ("inputs", "targets")}).as_text()}
+    model = gpt.build(config)
+    real = generate.programs
+
+    class Spied:
+        def __init__(self, jitted):
+            self.names = ("prefill", "decode_step", "generate_on_device")
+            for n, f in zip(self.names, jitted, strict=True):
+                setattr(self, n, f)
+
+    def programs(graphdef, treedef):
+        spied = Spied(real(graphdef, treedef))
+        return tuple(spy(spied, n, seen) for n in spied.names)
+    generate.programs = programs
+    try:
+        for loop in ("python", "device"):
+            generate.generate(model, [[1, 2, 3]], max_new_tokens=2, temperature=0, loop=loop)
+    finally:
+        generate.programs = real
+    eng = engine.Engine(model, max_batch=2)
+    eng.prefill, eng.decode = spy(eng, "prefill", seen), spy(eng, "decode", seen)
+    eng.start()
+    try:
+        done = threading.Event()
+        eng.submit(engine.Request([1, 2, 3], engine.Sampling(max_tokens=3, temperature=0.0), 1,
+                                  on_token=lambda c, t: None, on_finish=lambda c, why: done.set()))
+        assert done.wait(120)
+    finally:
+        eng.stop()
+    return seen
+
+
+@pytest.mark.parametrize("precision", ["high", "highest"])
+def test_matmul_precision_reaches_every_dot_of_every_program(precision):
+    config = gpt.GPTConfig(**SMALL, matmul_precision=precision)
+    programs = lowered_programs(config)
+    assert set(programs) == {"train_steps", "eval_loss", "prefill", "decode_step", "generate_on_device", "decode"}
+    for name, hlo in programs.items():
+        found = dot_precisions(hlo)
+        assert found == [precision.upper()] * len(found), (name, found)
+
+
+def test_default_matmul_precision_leaves_jax_its_own_setting():
+    """default: the model sets nothing, so JAX_DEFAULT_MATMUL_PRECISION (or XLA's default) decides."""
+    config = gpt.GPTConfig(**SMALL, kernels="reference")
+    with jax.default_matmul_precision(None):
+        assert set(dot_precisions(lowered_programs(config)["train_steps"])) == {"DEFAULT"}
+    with jax.default_matmul_precision("high"):
+        assert set(dot_precisions(lowered_programs(config)["train_steps"])) == {"HIGH"}
+
+
+def test_bad_precision_and_dtype_are_user_errors():
+    with pytest.raises(UserValueError, match=r"matmul_precision='tf32': expected one of \['default', 'high'"):
+        gpt.GPTConfig(**SMALL, matmul_precision="tf32")
+    with pytest.raises(UserValueError, match=r"dtype='fp16': expected one of \['float32', 'bfloat16', 'float16'\]"):
+        gpt.GPTConfig(**SMALL, dtype="fp16")
+
+
+# ------------------------------------------------------------------------------------------------ loss scaling
+
+@pytest.mark.parametrize("setting, dtype, message", [
+    ("none", "float16", "model.dtype=float16 needs a loss scale"),
+    ("dynamic", "bfloat16", "optim.loss_scale=dynamic is for model.dtype=float16; bfloat16 needs none"),
+    ("1024", "float32", "optim.loss_scale=1024 is for model.dtype=float16"),
+    ("big", "float16", "optim.loss_scale='big': expected auto, dynamic, none or a number"),
+    ("-8", "float16", "a fixed scale must be a positive finite number"),
+])
+def test_loss_scale_settings_that_cannot_work_are_one_error(setting, dtype, message):
+    with pytest.raises(UserValueError, match=re.escape(message)):
+        loss_scale.create(setting, dtype, period=2000)
+
+
+def test_loss_scale_settings():
+    assert loss_scale.create("auto", "bfloat16", 2000) is None and loss_scale.create("auto", "float32", 2) is None
+    dynamic = loss_scale.create("auto", "float16", 2000)
+    assert (float(dynamic.scale), dynamic.period) == (2.0 ** 16, 2000)
+    fixed = loss_scale.create("512", "float16", 2000)
+    assert (float(fixed.scale), fixed.period) == (512.0, 0)
+    with pytest.raises(UserValueError, match="loss_scale_period=0"):
+        loss_scale.create("dynamic", "float16", 0)
+
+
+def test_dynamic_scale_doubles_after_period_finite_steps_and_halves_on_overflow():
+    ls = loss_scale.create("dynamic", "float16", period=3)
+    history = []
+    for finite in [True, True, True, True, False, True, True, True]:
+        ls = ls.adjust(jnp.bool_(finite))
+        history.append((float(ls.scale), int(ls.good_steps), int(ls.skipped)))
+    s = 2.0 ** 16
+    assert history == [(s, 1, 0), (s, 2, 0), (2 * s, 0, 0), (2 * s, 1, 0), (s, 0, 1), (s, 1, 1), (s, 2, 1),
+                       (2 * s, 0, 1)]
+    floor = loss_scale.LossScale(jnp.float32(1.0), jnp.int32(0), jnp.int32(0), period=3).adjust(jnp.bool_(False))
+    assert float(floor.scale) == loss_scale.MIN_SCALE
+    fixed = loss_scale.create("8", "float16", 3)
+    for finite in [True, True, True, False]:
+        fixed = fixed.adjust(jnp.bool_(finite))
+    assert (float(fixed.scale), int(fixed.skipped)) == (8.0, 1)
+
+
+@pytest.mark.parametrize("kernels", ["fast", "reference"])
+def test_the_scale_reaches_the_gradients_before_they_are_rounded_to_float16(kernels):
+    """Over 32,768 tokens (124M's micro-batch) each token's share of the mean loss is 3e-5: its hidden state's
+    gradient lies in float16's subnormal range, and the chunked loss takes it in its forward pass. Unscaled, some
+    of it rounds to 0; the loss scale multiplies it first, and the unscaled float16 gradient is float32's within
+    float16 rounding."""
+    rng = np.random.default_rng(0)
+    N, C, V = 32768, 32, 256
+    x = jnp.asarray(rng.normal(size=(1, 1, 1, N, C)), jnp.float16)
+    w = jnp.asarray(rng.normal(size=(V, C)) * 0.5, jnp.float32)
+    t = jnp.asarray(rng.integers(0, V, (1, 1, 1, N)))
+    kernel = {"fast": xla_cpu, "reference": reference}[kernels].chunked_cross_entropy
+
+    def hidden_grad(dtype, scale):
+        loss = lambda x: kernel(x, w, t, V, scale)
+        return np.asarray(jax.grad(loss)(x.astype(dtype)), np.float32) / scale
+    exact = hidden_grad(jnp.float32, 1.0)
+    unscaled, scaled = hidden_grad(jnp.float16, 1.0), hidden_grad(jnp.float16, 2.0 ** 16)
+    error = {name: np.linalg.norm(g - exact) / np.linalg.norm(exact) for name, g in
+             (("unscaled", unscaled), ("scaled", scaled))}
+    print(f"\n[{kernels}] float16 vs float32 hidden gradients: relative error {error}, zeros unscaled "
+          f"{(unscaled == 0).mean():.2%}, scaled {(scaled == 0).mean():.2%}, float32 {(exact == 0).mean():.2%}")
+    assert (exact == 0).sum() == (scaled == 0).sum() == 0 and (unscaled == 0).mean() > 1e-3
+    assert error["scaled"] < 1e-3 < error["unscaled"]
+
+
+def fp16_steps(period=2000):
+    c = base.get_config()
+    c.update_from_flattened_dict({"max_steps": 10, "optim.warmup_steps": 1, "mesh.data": 1,
+                                  "optim.loss_scale_period": period})
+    config = gpt.GPTConfig(**SMALL, dtype="float16")
+    steps = step.make_steps(c, config, sharding.make_mesh(c.mesh, jax.devices()[:1]))
+    return steps, step.fresh_state(steps, config, seed=0)
+
+
+def batch(targets_kept: int, seed: int):
+    """One step's batch (1 step, 1 micro-batch, 2 x 32); only the first `targets_kept` targets count."""
+    tokens = np.random.default_rng(seed).integers(0, 100, (1, 1, 2, 33)).astype(np.int32)
+    targets = tokens[..., 1:].copy()
+    targets.reshape(-1)[targets_kept:] = -1
+    return {"inputs": jnp.asarray(tokens[..., :-1]), "targets": jnp.asarray(targets)}
+
+
+def test_an_overflowing_step_is_skipped_whole_and_halves_the_scale():
+    """A batch whose loss rests on one token: its gradient, times the scale 2^16, exceeds float16's 65,504. That
+    step changes no weight and no optimizer moment (nor Adam's count), halves the scale and is counted; the steps
+    around it train."""
+    steps, state = fp16_steps()
+    state, first = steps.train_steps(state, batch(64, seed=1))
+    before = jax.tree.map(np.asarray, (state.params, state.opt_state))
+    state, bad = steps.train_steps(state, batch(1, seed=2))
+    after = jax.tree.map(np.asarray, (state.params, state.opt_state))
+    jax.tree.map(np.testing.assert_array_equal, before, after)
+    assert int(bad["skipped"][0]) == 1 and int(bad["skipped_steps"][0]) == 1 and int(first["skipped"][0]) == 0
+    assert not np.isfinite(bad["grad_norm"][0]) and np.isfinite(bad["loss"][0])
+    assert (float(bad["loss_scale"][0]), float(state.loss_scale.scale)) == (2.0 ** 16, 2.0 ** 15)
+    state, last = steps.train_steps(state, batch(64, seed=3))
+    assert int(last["skipped"][0]) == 0 and float(last["loss_scale"][0]) == 2.0 ** 15
+    assert last["lr"][0] == bad["lr"][0] > first["lr"][0]  # optax's count stood still: schedule(1) again, the peak
+    moved = jax.tree.map(lambda a, b: np.abs(np.asarray(a) - b).max(), state.params, before[0])
+    assert min(jax.tree.leaves(moved)) > 0
+
+
+def test_float16_gradients_equal_float32_s_within_float16_rounding():
+    """The unscaled float16 gradient of a step against float32's: the loss scale is divided out exactly once."""
+    config = gpt.GPTConfig(**SMALL)
+    model = gpt.build(config, seed=1)
+    b = batch(64, seed=4)
+    graphdef, params = nnx.split(model, nnx.Param)
+
+    def grads(dtype, scale):
+        g = jax.grad(step.loss_fn)(params, nnx.split(gpt.build(gpt.GPTConfig(**SMALL, dtype=dtype)))[0],
+                                   b["inputs"][0, 0], b["targets"][0, 0], None, scale)
+        return np.concatenate([np.ravel(x) / (scale or 1) for x in jax.tree.leaves(g)])
+    del graphdef
+    exact, half = grads("float32", None), grads("float16", 2.0 ** 16)
+    assert np.linalg.norm(half - exact) / np.linalg.norm(exact) < 1e-2
