@@ -26,14 +26,12 @@ def dot_precisions(hlo: str) -> list[str]:
     return [m.group(1) if (m := re.search(r"precision = \[(\w+), \1\]", d)) else "" for d in dots]
 
 
-def spy(target, name, seen):
-    """Wraps target.name (a jitted function) to record the lowered text of each call's program in seen[name]."""
-    fn = getattr(target, name)
-
-    def lowered_then_called(*args, **kwargs):
-        seen.setdefault(name, fn.lower(*args, **kwargs).as_text())
-        return fn(*args, **kwargs)
-    return lowered_then_called
+def recording(name, jitted, seen):
+    """jitted, recording the lowered text of its first call's program in seen[name]."""
+    def call(*args, **kwargs):
+        seen.setdefault(name, jitted.lower(*args, **kwargs).as_text())
+        return jitted(*args, **kwargs)
+    return call
 
 
 def lowered_programs(config: gpt.GPTConfig) -> dict[str, str]:
@@ -44,20 +42,14 @@ def lowered_programs(config: gpt.GPTConfig) -> dict[str, str]:
     steps = step.make_steps(c, config, sharding.make_mesh(c.mesh, jax.devices()[:1]))
     batch = {k: jax.ShapeDtypeStruct((1, 1, 2, config.block_size), jnp.int32) for k in ("inputs", "targets")}
     seen = {"train_steps": steps.train_steps.lower(steps.abstract_state, batch).as_text(),
-            "eval_loss": steps.eval_loss.lower(steps.abstract_state.params, {
-                k: jax.ShapeDtypeStruct((1, 2, config.block_size), jnp.int32) for k in ("inputs", "targets")}).as_text()}
+            "eval_loss": steps.eval_loss.lower(steps.abstract_state.params,
+                                               jax.tree.map(lambda b: b.update(shape=b.shape[1:]), batch)).as_text()}
     model = gpt.build(config)
     real = generate.programs
 
-    class Spied:
-        def __init__(self, jitted):
-            self.names = ("prefill", "decode_step", "generate_on_device")
-            for n, f in zip(self.names, jitted, strict=True):
-                setattr(self, n, f)
-
     def programs(graphdef, treedef):
-        spied = Spied(real(graphdef, treedef))
-        return tuple(spy(spied, n, seen) for n in spied.names)
+        names = ("prefill", "decode_step", "generate_on_device")
+        return tuple(recording(n, f, seen) for n, f in zip(names, real(graphdef, treedef), strict=True))
     generate.programs = programs
     try:
         for loop in ("python", "device"):
@@ -65,7 +57,8 @@ def lowered_programs(config: gpt.GPTConfig) -> dict[str, str]:
     finally:
         generate.programs = real
     eng = engine.Engine(model, max_batch=2)
-    eng.prefill, eng.decode = spy(eng, "prefill", seen), spy(eng, "decode", seen)
+    eng.prefill = recording("engine prefill", eng.prefill, seen)
+    eng.decode = recording("engine decode", eng.decode, seen)
     eng.start()
     try:
         done = threading.Event()
@@ -81,7 +74,8 @@ def lowered_programs(config: gpt.GPTConfig) -> dict[str, str]:
 def test_matmul_precision_reaches_every_dot_of_every_program(precision):
     config = gpt.GPTConfig(**SMALL, matmul_precision=precision)
     programs = lowered_programs(config)
-    assert set(programs) == {"train_steps", "eval_loss", "prefill", "decode_step", "generate_on_device", "decode"}
+    assert set(programs) == {"train_steps", "eval_loss", "prefill", "decode_step", "generate_on_device",
+                             "engine prefill", "engine decode"}
     for name, hlo in programs.items():
         found = dot_precisions(hlo)
         assert found == [precision.upper()] * len(found), (name, found)
