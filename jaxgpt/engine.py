@@ -7,6 +7,11 @@ occupy rows [0, running): a finished one's row is refilled by the last running r
 b rows and reads the first L cache slots, b and L rounded up to powers of two, so its cost follows the load and
 only a few shapes ever compile. Each row samples with its own temperature, top-k, top-p and seed; with
 temperature 0 it is greedy and its tokens are those of jaxgpt.generate for the same prompt, whatever else runs.
+
+Past the context a row slides as jaxgpt.generate's windows do: once its next token would take the last position,
+it is prefilled again, in its own row, from the last block_size // 2 tokens of its prompt and output.
+If the engine's thread fails (a bug, device memory), every request ends with finish reason "error", `failure` says
+why and `submit` refuses more: the server turns that into 503s and exits (docs/serving.md).
 """
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from flax import nnx, struct
 
 from jaxgpt import generate
@@ -28,6 +34,15 @@ from jaxgpt.model import GPT
 
 MIN_LENGTH = 64  # the shortest cache view a step reads
 TOP_K_BUCKET = 64  # top-k filters run lax.top_k over a multiple of this many candidates
+MAX_TOKENS = 4096  # the default most new tokens a request may ask for (past the context, windows slide)
+
+
+class EngineFailed(RuntimeError):
+    """The engine's thread has failed: nothing more runs. `reason`: the exception, as one line."""
+
+    def __init__(self, reason: str):
+        super().__init__(f"the engine failed: {reason}")
+        self.reason = reason
 
 
 def bucket(n: int, minimum: int = 1) -> int:
@@ -106,16 +121,16 @@ def _row_keys(key_data, count):
     return jax.vmap(lambda k, c: jax.random.fold_in(jax.random.wrap_key_data(k), c))(key_data, count)
 
 
-def _prefill(model_def, params, ks, vs, ids, lengths, rows, temperature, top_k, top_p, key_data, *, mode, k_max):
+def _prefill(model_def, params, ks, vs, ids, lengths, rows, temperature, top_k, top_p, key_data, count, *, mode,
+             k_max):
     """ids (n, P) right-padded prompts of `lengths` into cache rows `rows` (an index past the cache: a padding row,
-    dropped) -> (ks, vs, each row's first token)."""
+    dropped) -> (ks, vs, each row's next token, its token number `count`)."""
     model = _merge(model_def, params)
     n, P = ids.shape
     x, caches = model.hidden(ids, cache=[PrefillCache()] * len(ks), positions=jnp.arange(P)[None])
     last = x[jnp.arange(n), lengths - 1]  # (n, C): the head only where the next token is read
     logits = model.logits(last[:, None])[:, 0]
-    token = sample_rows(logits, temperature, top_k, top_p, _row_keys(key_data, jnp.zeros(n, jnp.int32)),
-                        mode=mode, k_max=k_max)
+    token = sample_rows(logits, temperature, top_k, top_p, _row_keys(key_data, count), mode=mode, k_max=k_max)
     ks = [k.at[rows, :, :P].set(c.k.swapaxes(1, 2).astype(k.dtype), mode="drop") for k, c in zip(ks, caches)]
     vs = [v.at[rows, :, :P].set(c.v.swapaxes(1, 2).astype(v.dtype), mode="drop") for v, c in zip(vs, caches)]
     return ks, vs, token
@@ -130,6 +145,16 @@ def _decode(model_def, params, ks, vs, token, pos, temperature, top_k, top_p, ke
     logits, caches = model(token[:, None], cache=caches, positions=pos[:, None])
     token = sample_rows(logits[:, 0], temperature, top_k, top_p, _row_keys(key_data, count), mode=mode, k_max=k_max)
     return [c.k for c in caches], [c.v for c in caches], token
+
+
+@functools.lru_cache(maxsize=16)
+def _programs(graphdef, treedef):
+    """prefill and decode jitted once per model structure, which they have bound (engines of one model share their
+    compiled shapes); the weights go in as a list of arrays: flattening an nnx.State, or hashing a static graphdef,
+    at every call would cost milliseconds per step."""
+    bound = lambda f: functools.partial(f, (graphdef, treedef))
+    return (jax.jit(bound(_prefill), static_argnames=("mode", "k_max"), donate_argnames=("ks", "vs")),
+            jax.jit(bound(_decode), static_argnames=("length", "mode", "k_max"), donate_argnames=("ks", "vs")))
 
 
 @functools.partial(jax.jit, static_argnames=("length",), donate_argnames=("ks", "vs"))
@@ -155,7 +180,7 @@ class Sequence:
     request: Request
     index: int  # the choice number; its key is the request seed's folded with it
     tokens: list[int] = dataclasses.field(default_factory=list)
-    finish_reason: str | None = None  # stop (end-of-text or a stop string), length, cancelled
+    finish_reason: str | None = None  # stop (end-of-text or a stop string), length, cancelled, error
     pos: int = 0  # the cache slot its next token writes
     cancelled: bool = False  # set by Engine.cancel, from any thread; the engine's thread ends it
 
@@ -179,19 +204,19 @@ class Request:
 class Engine:
     """Runs the decode loop on its own thread; `submit` and `cancel` may be called from any thread."""
 
-    def __init__(self, model: GPT, *, max_batch: int = 32, eot_id: int | None = None, max_queue: int = 1024):
+    def __init__(self, model: GPT, *, max_batch: int = 32, eot_id: int | None = None, max_queue: int = 1024,
+                 max_tokens: int = MAX_TOKENS):
         if model.config.scan_layers:
             raise UserValueError("the engine needs a model loaded with scan_layers=False")
         if max_batch < 1 or max_batch & (max_batch - 1):
             raise UserValueError(f"max_batch={max_batch} must be a power of two")
+        if max_tokens < 1:
+            raise UserValueError(f"max_tokens={max_tokens} must be >= 1")
         self.config, self.max_batch, self.eot_id, self.max_queue = model.config, max_batch, eot_id, max_queue
+        self.max_tokens = max_tokens
         graphdef, state = nnx.split(model)
-        # The weights go in as a list of arrays, the structure bound: flattening an nnx.State, or hashing a static
-        # graphdef, at every call would cost milliseconds per step.
         self.params, treedef = jax.tree.flatten(state)
-        bound = lambda f: functools.partial(f, (graphdef, treedef))
-        self.prefill = jax.jit(bound(_prefill), static_argnames=("mode", "k_max"), donate_argnames=("ks", "vs"))
-        self.decode = jax.jit(bound(_decode), static_argnames=("length", "mode", "k_max"), donate_argnames=("ks", "vs"))
+        self.prefill, self.decode = _programs(graphdef, treedef)
         cfg = model.config
         self.max_len = -(-cfg.block_size // MIN_LENGTH) * MIN_LENGTH
         shape = (max_batch, cfg.n_kv_head or cfg.n_head, self.max_len, cfg.head_dim)
@@ -202,12 +227,18 @@ class Engine:
         self.next_token = np.zeros(max_batch, np.int32)
         self.lock, self.wake = threading.Lock(), threading.Event()
         self.stopping, self.thread = False, None
+        self.failure: str | None = None  # why the thread failed; set once, under the lock
+        self.failed = threading.Event()
         self.steps, self.tokens, self.max_rows, self.batch_rows = 0, 0, 0, collections.Counter()
+        self.slides = 0  # rows prefilled again to continue past the context
 
     # ---- any thread ----
     def submit(self, request: Request) -> None:
-        """Queues a request (validated by the caller, see check); raises UserValueError when the queue is full."""
+        """Queues a request (validated by the caller, see check); raises UserValueError when the queue is full,
+        EngineFailed once the engine has failed."""
         with self.lock:
+            if self.failure is not None:
+                raise EngineFailed(self.failure)
             if len(self.waiting) >= self.max_queue:
                 raise UserValueError(f"the server is busy: {len(self.waiting)} requests are waiting")
             request.sequences = [Sequence(request, i) for i in range(request.n)]
@@ -230,9 +261,9 @@ class Engine:
             raise UserValueError("the prompt has no tokens")
         if bad := [t for t in prompt if not 0 <= t < cfg.n_valid_vocab]:
             raise UserValueError(f"prompt token {bad[0]} is outside the vocabulary [0, {cfg.n_valid_vocab})")
-        if len(prompt) + sampling.max_tokens > cfg.block_size:
-            raise UserValueError(f"the prompt ({len(prompt)} tokens) plus max_tokens ({sampling.max_tokens}) exceeds "
-                                 f"the model's context of {cfg.block_size} tokens")
+        if sampling.max_tokens > self.max_tokens:
+            raise UserValueError(f"max_tokens ({sampling.max_tokens}) exceeds this server's limit of "
+                                 f"{self.max_tokens} tokens per choice")
         if not 1 <= n <= self.max_batch:
             raise UserValueError(f"n={n} must be between 1 and the server's max_batch, {self.max_batch}")
 
@@ -249,7 +280,7 @@ class Engine:
 
     def stats(self) -> dict:
         return dict(running=len(self.running), waiting=len(self.waiting), max_batch=self.max_batch,
-                    steps=self.steps, tokens=self.tokens, max_rows=self.max_rows)
+                    steps=self.steps, tokens=self.tokens, max_rows=self.max_rows, slides=self.slides)
 
     # ---- the engine's thread ----
     def _loop(self):
@@ -257,16 +288,30 @@ class Engine:
             try:
                 self._drop_cancelled()
                 self._admit()
+                self._slide()
                 if self.running:
                     self._step()
                 else:
                     self.wake.wait(0.1)
                     self.wake.clear()
-            except Exception as e:  # a bug: end every request with it rather than hang their clients
-                for seq in list(self.running) + [s for r in self.waiting for s in r.sequences]:
-                    self._finish(seq, f"error: {type(e).__name__}: {e}")
-                self.running, self.waiting = [], collections.deque()
-                raise
+            except Exception as e:  # noqa: BLE001 - a bug or device memory: fail every request, refuse more
+                self._fail(e)
+                return
+
+    def _fail(self, e: Exception):
+        """Ends every running and waiting request with finish reason 'error', at once: nothing waits on a thread
+        that no longer runs."""
+        logging.error("the engine failed; every request ends with an error", exc_info=e)
+        with self.lock:
+            self.failure = f"{type(e).__name__}: {e}".splitlines()[0]
+            waiting, self.waiting = list(self.waiting), collections.deque()
+        for seq in list(self.running) + [s for r in waiting for s in r.sequences]:
+            try:
+                self._finish(seq, "error")
+            except Exception:  # noqa: BLE001 - one broken callback must not keep the others waiting
+                logging.exception("a request's on_finish failed")
+        self.running = []
+        self.failed.set()
 
     def _settings(self, seqs: list[Sequence], rows: int):
         """The per-row sampling arrays of seqs padded to `rows`, and the sampler mode they need."""
@@ -298,18 +343,39 @@ class Engine:
                         self._finish(seq, "cancelled")
         if not new:
             return
-        n, P = bucket(len(new)), bucket(max(len(q.request.prompt) for q in new), 16)
-        ids, lengths = np.zeros((n, P), np.int32), np.ones(n, np.int32)
-        for i, q in enumerate(new):
-            ids[i, :len(q.request.prompt)], lengths[i] = q.request.prompt, len(q.request.prompt)
         first = len(self.running)
-        rows = np.array([first + i if i < len(new) else self.max_batch for i in range(n)], np.int32)
-        settings, mode, k_max = self._settings(new, n)
-        self.ks, self.vs, token = self.prefill(self.params, self.ks, self.vs, ids, lengths, rows, *settings,
+        self.running.extend(new)
+        self._prefill(new, [self._context(q) for q in new], list(range(first, first + len(new))))
+
+    def _context(self, seq: Sequence) -> list[int]:
+        """What a row is prefilled from, as jaxgpt.generate windows a single prompt: the prompt while it leaves
+        room in the context, else (a prompt of block_size or more, and every later window) the last half-block of
+        the prompt and the tokens so far."""
+        block, text = self.config.block_size, seq.request.prompt + seq.tokens
+        return text if not seq.tokens and len(text) < block else text[-(block // 2):]
+
+    def _slide(self):
+        """Rows whose next token would take the context's last position start their next window: generate stops a
+        window there (a window's prompt plus its new tokens fill block_size), and their tokens must be its."""
+        full = [q for q in self.running if q.pos >= self.config.block_size - 1]
+        if full:
+            self.slides += len(full)
+            self._prefill(full, [self._context(q) for q in full], [self.running.index(q) for q in full])
+
+    def _prefill(self, seqs: list[Sequence], contexts: list[list[int]], rows: list[int]):
+        """Writes each context into its sequence's cache row (slots from 0) and emits the token that follows."""
+        n, P = bucket(len(seqs)), min(self.config.block_size, bucket(max(len(c) for c in contexts), 16))
+        ids, lengths = np.zeros((n, P), np.int32), np.ones(n, np.int32)
+        for i, c in enumerate(contexts):
+            ids[i, :len(c)], lengths[i] = c, len(c)
+        rows = np.array(rows + [self.max_batch] * (n - len(seqs)), np.int32)  # padding rows: dropped
+        count = np.zeros(n, np.int32)
+        count[:len(seqs)] = [len(q.tokens) for q in seqs]
+        settings, mode, k_max = self._settings(seqs, n)
+        self.ks, self.vs, token = self.prefill(self.params, self.ks, self.vs, ids, lengths, rows, *settings, count,
                                                mode=mode, k_max=k_max)
-        for q, t, p in zip(new, np.asarray(token).tolist(), lengths.tolist()):
+        for q, t, p in zip(seqs, np.asarray(token).tolist(), lengths.tolist()):
             q.pos = p
-            self.running.append(q)
             self._emit(q, t)
         self._compact()
 

@@ -259,7 +259,7 @@ def _generate_window(model: GPT, prompts: list[list[int]], *, max_new_tokens: in
     if loop not in ("python", "device"):
         raise UserValueError(f"loop={loop!r}: expected 'python' or 'device'")
 
-    P = prompt_bucket(longest)
+    P = min(prompt_bucket(longest), config.block_size)  # a bucket past the context (block_size 96, say) cannot run
     max_len = cache_length(P, max_new_tokens)
     ids, start = left_pad(prompts, P)
     graphdef, state = nnx.split(model)

@@ -1,9 +1,12 @@
 """The server: continuous batching against jaxgpt.generate, the HTTP API (JSON, streams, errors, disconnects),
 a bounded load test, and the page in a real headless browser. Servers bind 127.0.0.1 on a free port."""
 import asyncio
+import contextlib
+import dataclasses
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -15,7 +18,7 @@ import numpy as np
 import pytest
 import uvicorn
 
-from jaxgpt import checkpoint, engine, generate, serve
+from jaxgpt import checkpoint, engine, generate, sample, serve
 from jaxgpt.model import GPTConfig, build
 from jaxgpt.tokenizer import CharTokenizer
 
@@ -124,6 +127,28 @@ def test_engine_stops_at_end_of_text_and_cancels(model):
         eng.stop()
 
 
+def test_engine_slides_past_the_context_as_generate(model):
+    """Past block_size a row is prefilled again from its last half-block, as jaxgpt.generate's windows: greedy
+    requests of prompts around the edges (one token, a block minus one, a whole block, more) running far past the
+    context give generate's tokens, and a sampled one beside them its own tokens whatever the batch."""
+    rng = np.random.default_rng(1)
+    B = CONFIG.block_size
+    requests = [(rng.integers(0, len(CHARS), n).tolist(), engine.Sampling(max_tokens=int(m), temperature=0.0), 1, 0)
+                for n, m in zip((1, B - 1, B, B + 50), rng.integers(B + 10, 2 * B + 30, 4))]
+    sampled = (TOK.encode("ROMEO:"), engine.Sampling(max_tokens=2 * B, temperature=0.9, top_k=20, seed=5), 1, 0)
+    eng = engine.Engine(model, max_batch=4).start()  # 5 requests: one waits, and joins rows that slide
+    try:
+        tokens, reasons = run_engine(eng, [*requests, sampled])
+        assert eng.stats()["slides"] >= 2 * len(requests)  # every row ran at least two windows past the first
+        alone = run_engine(eng, [sampled])[0][(0, 0)]
+    finally:
+        eng.stop()
+    for i, (prompt, s, _, _) in enumerate(requests):
+        want = generate.generate(model, [prompt], max_new_tokens=s.max_tokens, temperature=0)[0]
+        assert tokens[(i, 0)] == want and reasons[(i, 0)] == "length", len(prompt)
+    assert alone == tokens[(len(requests), 0)] and len(alone) == 2 * B
+
+
 def test_choice_text_holds_back_stop_strings():
     choice = serve.Choice(TOK, ["END", "xy"])
     pieces = [choice.add(t) for t in TOK.encode("abcEN")]
@@ -133,25 +158,35 @@ def test_choice_text_holds_back_stop_strings():
     assert choice.text == "abcENd"
 
 
-@pytest.fixture(scope="module")
-def server(model):
-    """A live server on 127.0.0.1 (a free port) in this process: (base url, its Engine)."""
-    eng = engine.Engine(model, max_batch=32).start()
-    app = serve.Server(eng, TOK, "tiny").app()
+@contextlib.contextmanager
+def live(app):
+    """Serves `app` on 127.0.0.1 (a free port) from a thread of this process; yields its base url."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     srv = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     thread = threading.Thread(target=srv.run, kwargs=dict(sockets=[sock]), daemon=True)
     thread.start()
-    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
     for _ in range(200):
         if srv.started:
             break
         time.sleep(0.05)
-    yield url, eng
-    srv.should_exit = True
-    thread.join(10)
-    eng.stop()
+    assert srv.started
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        srv.should_exit = True
+        thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def server(model):
+    """A live server in this process: (base url, its Engine)."""
+    eng = engine.Engine(model, max_batch=32).start()
+    try:
+        with live(serve.Server(eng, TOK, "tiny").app()) as url:
+            yield url, eng
+    finally:
+        eng.stop()
 
 
 def sse(lines) -> list:
@@ -165,6 +200,7 @@ def test_http_completions_json_and_stream(server, model):
     assert get(f"{url}/healthz").json()["status"] == "ok"
     models = get(f"{url}/v1/models").json()
     assert models["data"][0]["id"] == "tiny" and models["data"][0]["context_length"] == CONFIG.block_size
+    assert models["data"][0]["max_tokens"] == engine.MAX_TOKENS
     assert "<textarea" in get(f"{url}/").text
     want = TOK.decode(greedy(model, "ROMEO:", 30))
     r = post(f"{url}/v1/completions", json=dict(prompt="ROMEO:", max_tokens=30, temperature=0))
@@ -200,12 +236,24 @@ def test_http_stop_strings(server, model):
     assert "".join(c["text"] for e in events for c in e["choices"]) == full[:full.index(stop)]
 
 
+def test_http_greedy_past_the_context_equals_sample(server, model, capsys):
+    """A completion longer than the context: the text `jaxgpt.sample --temperature=0` prints for the prompt."""
+    url, _ = server
+    n = 2 * CONFIG.block_size + 20
+    sample.sample(model, TOK, "ROMEO:", num_samples=1, seed=1337, max_new_tokens=n, temperature=0.0, top_k=200,
+                  top_p=None)
+    printed = capsys.readouterr().out
+    want = printed[len("ROMEO:"):-len("\n" + "-" * 40 + "\n")]
+    assert len(want) == n
+    r = post(f"{url}/v1/completions", json=dict(prompt="ROMEO:", max_tokens=n, temperature=0))
+    assert r.json()["choices"][0]["text"] == want
+
+
 @pytest.mark.parametrize("body, status, says", [
     ('{"prompt": "a", "max_tokens": 4', 400, "malformed JSON"),
     ('{"prompt": "a", "logprobs": 2}', 400, "unknown field 'logprobs'"),
-    ('{"prompt": "' + "a" * 100 + '"}', 400, "exceeds the model's context of 96"),
     ('{"prompt": "a", "max_tokens": 0}', 400, "max_tokens"),
-    ('{"prompt": "a", "max_tokens": 1000000}', 400, "plus max_tokens (1000000) exceeds"),
+    ('{"prompt": "a", "max_tokens": 1000000}', 400, "max_tokens (1000000) exceeds this server's limit of 4096"),
     ('{"prompt": "a", "temperature": -0.5}', 400, "temperature"),
     ('{"prompt": "a", "top_p": 0}', 400, "top_p"),
     ('{"prompt": "a", "n": 33}', 400, "max_batch of 32"),
@@ -264,6 +312,123 @@ def test_http_load_32_clients_8_requests_each(server, model):
     assert eng.max_rows >= 16 and eng.steps - steps_before < 256 * 12 / 4  # steps shared by many requests
 
 
+KEY = "sk-test-0123456789abcdef"
+
+
+def test_http_api_key_and_body_limit(server):
+    """With a key, requests without it (or with another) get a 401 before their body is read, so nothing reaches
+    the queue; /healthz and the page stay open. Bodies over the limit get a 413 before they are parsed, with a
+    Content-Length or chunked."""
+    _, eng = server
+    with live(serve.Server(eng, TOK, "tiny", api_key=KEY, max_request_bytes=4096).app()) as url:
+        good = {"Authorization": f"Bearer {KEY}"}
+        assert get(f"{url}/healthz").status_code == 200 and get(f"{url}/").status_code == 200
+        steps, tokens = eng.steps, eng.tokens
+        for headers in ({}, {"Authorization": f"Bearer {KEY}x"}, {"Authorization": KEY},
+                        {"Authorization": f"Basic {KEY}"}):
+            r = post(f"{url}/v1/completions", content='{"prompt": "a", "max_tokens": ', headers=headers)  # bad JSON
+            assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", (headers, r.text)
+            assert r.headers["www-authenticate"] == "Bearer" and KEY not in r.text
+            assert get(f"{url}/v1/models", headers=headers).status_code == 401
+        assert (eng.steps, eng.tokens, eng.stats()["waiting"]) == (steps, tokens, 0)  # nothing of them ran
+        assert get(f"{url}/v1/models", headers=good).json()["data"][0]["id"] == "tiny"
+        r = post(f"{url}/v1/completions", json=dict(prompt="a", max_tokens=3),
+                 headers={"Authorization": f"bearer {KEY}"})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+        big = b'{"prompt": "' + b"a" * 5000  # malformed too: a 413, not a 400, says it was never parsed
+        for content in (big, iter([big[:3000], big[3000:]])):  # Content-Length, then chunked without one
+            r = post(f"{url}/v1/completions", content=content, headers=good)
+            assert r.status_code == 413 and "limit of 4096 bytes" in r.json()["error"]["message"], r.text
+        fits = json.dumps(dict(prompt="a" * 3000, max_tokens=2))
+        r = post(f"{url}/v1/completions", content=fits, headers={**good, "Content-Type": "application/json"})
+        assert r.status_code == 200, r.text
+
+
+def test_exposure_warning_for_a_reachable_host_without_a_key():
+    for host in ("0.0.0.0", "::", "192.168.1.5", "example.org"):
+        assert "no API key is set" in serve.exposure_warning(host, None)
+        assert serve.exposure_warning(host, KEY) is None
+    for host in ("127.0.0.1", "::1", "localhost", "127.0.0.2"):
+        assert serve.exposure_warning(host, None) is None
+
+
+def test_engine_failure_fails_visibly(model):
+    """A fault injected into a decode step, while one request streams and another waits for rows: the stream ends
+    with an error event, the waiting request and every later one get a 503 JSON error at once, /healthz says 503
+    and why. Then the server's run (jaxgpt.serve.run) drains and raises, for the process to exit non-zero."""
+    eng = engine.Engine(model, max_batch=2).start()
+    gate, calls, original = threading.Event(), [], eng._step
+
+    def failing_step():
+        calls.append(1)
+        if len(calls) == 3:
+            assert gate.wait(60)
+            raise RuntimeError("injected fault in a decode step")
+        original()
+    eng._step = failing_step
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    outcome = {}
+
+    def run():
+        try:
+            serve.run(serve.Server(eng, TOK, "tiny").app(), eng, sockets=[sock], drain_timeout=10)
+        except engine.EngineFailed as e:
+            outcome["failed"] = e.reason
+    server_thread = threading.Thread(target=run, daemon=True)
+    server_thread.start()
+    try:
+        serve.wait_until_serving(url, 60)
+        with stream(f"{url}/v1/completions", json=dict(prompt="a", n=2, max_tokens=50, stream=True)) as r:
+            lines = r.iter_lines()
+            assert next(lines).startswith("data: {")  # running, both rows taken
+            queued = {}
+            waiter = threading.Thread(target=lambda: queued.update(r=post(f"{url}/v1/completions",
+                                                                          json=dict(prompt="b", max_tokens=5))))
+            waiter.start()
+            for _ in range(1000):
+                if eng.stats()["waiting"] == 1:
+                    break
+                time.sleep(0.01)
+            assert eng.stats()["waiting"] == 1
+            start = time.monotonic()
+            gate.set()
+            rest = [line for line in lines if line.startswith("data: ")]
+        assert "[DONE]" not in rest[-1]
+        failure = json.loads(rest[-1][len("data: "):])["error"]
+        assert failure["type"] == "server_error" and "injected fault in a decode step" in failure["message"]
+        waiter.join(30)
+        assert queued["r"].status_code == 503 and "injected fault" in queued["r"].json()["error"]["message"]
+        assert time.monotonic() - start < 10
+        # the server drains and stops: its run raises (main turns that into exit status 1) and the port closes
+        server_thread.join(30)
+        assert outcome["failed"] == "RuntimeError: injected fault in a decode step"
+        with pytest.raises(httpx.ConnectError):
+            get(f"{url}/healthz")
+    finally:
+        gate.set()
+        eng.stop()
+
+
+def test_failed_engine_answers_503(model):
+    """/healthz and new requests once the engine has failed (a server that has not yet exited)."""
+    eng = engine.Engine(model, max_batch=2).start()
+    eng._step = lambda: 1 / 0
+    try:
+        with live(serve.Server(eng, TOK, "tiny").app()) as url:
+            r = post(f"{url}/v1/completions", json=dict(prompt="a", max_tokens=5, stream=True))
+            assert "ZeroDivisionError" in r.text and "[DONE]" not in r.text
+            health = get(f"{url}/healthz")
+            assert health.status_code == 503 and health.json()["reason"] == "ZeroDivisionError: division by zero"
+            start = time.monotonic()
+            r = post(f"{url}/v1/completions", json=dict(prompt="a", max_tokens=5))
+            assert r.status_code == 503 and r.json()["error"]["code"] == "engine_failed"
+            assert time.monotonic() - start < 5
+    finally:
+        eng.stop()
+
+
 @pytest.fixture(scope="module")
 def model_dir(model, tmp_path_factory):
     return checkpoint.save_model(model, str(tmp_path_factory.mktemp("served") / "tiny"), TOK)
@@ -280,45 +445,109 @@ def launch(p):
         raise
 
 
-@pytest.mark.slow
-def test_page_streams_in_a_headless_browser(model, model_dir, tmp_path):
-    """`python -m jaxgpt.serve` serves the page; Chromium types a prompt, clicks Generate and sees the greedy
-    text arrive in pieces; a screenshot is saved."""
-    from playwright.sync_api import sync_playwright
+def start_server(model_dir, *args, log, key: str | None = None):
+    """`python -m jaxgpt.serve` on a free port of 127.0.0.1, its output to the file `log` -> (process, base url);
+    its API key from the environment."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     sock.close()
-    proc = subprocess.Popen([sys.executable, "-m", "jaxgpt.serve", f"--ckpt={model_dir}", f"--port={port}"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "JAX_PLATFORMS": "cpu"})
-    url = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", **({serve.KEY_VARIABLE: key} if key else {})}
+    proc = subprocess.Popen([sys.executable, "-m", "jaxgpt.serve", f"--ckpt={model_dir}", f"--port={port}", *args],
+                            stdout=log, stderr=subprocess.STDOUT, text=True, env=env)
+    return proc, f"http://127.0.0.1:{port}"
+
+
+@pytest.mark.slow
+def test_page_defaults_stream_on_a_64_token_model_in_a_headless_browser(tmp_path):
+    """A first use: a model of a 64-token context served with an API key. Chromium opens the page, which asks for
+    the key, reads the model's context, and with its defaults (128 tokens, past the context) streams text for
+    "ROMEO:"; greedy, its text is jaxgpt.sample's. A screenshot is saved."""
+    from playwright.sync_api import sync_playwright
+    small = build(dataclasses.replace(CONFIG, block_size=64), seed=3)
+    log = open(tmp_path / "server.log", "w")
+    proc, url = start_server(checkpoint.save_model(small, str(tmp_path / "tiny64"), TOK), log=log, key=KEY)
     try:
         serve.wait_until_serving(url, 300, proc)
-        want = TOK.decode(greedy(model, "ROMEO:", 60))
         with sync_playwright() as p:
             chrome = launch(p)
             page = chrome.new_page()
             page.goto(url)
+            page.wait_for_selector("#api_key", state="visible", timeout=30_000)  # the server asked for a key
+            page.fill("#api_key", KEY)
+            page.focus("#prompt")  # leaving the field commits the key
+            page.wait_for_function("document.getElementById('model').textContent === 'tiny64'", timeout=30_000)
+            assert "context: 64 tokens" in page.inner_text("#context")
             page.fill("#prompt", "ROMEO:")
-            page.fill("#max_tokens", "60")
-            page.fill("#temperature", "0")
             page.evaluate("""window.updates = 0;
                 new MutationObserver(() => window.updates++).observe(
                     document.getElementById('output'), {childList: true, subtree: true, characterData: true})""")
-            page.click("#go")
-            page.wait_for_function("document.getElementById('status').textContent.startsWith('done')",
-                                   timeout=60_000)
-            assert page.inner_text("#status").startswith("done: 60 tokens"), page.inner_text("#status")
-            assert page.inner_text("#completion") == want.strip("\n") or page.text_content("#completion") == want
-            assert page.text_content("#model") == "tiny"
-            assert page.evaluate("window.updates") > 3  # the text came in pieces, as streamed
+            page.click("#go")  # the page's defaults: 128 tokens at temperature 0.8, top-k 200
+            done = "document.getElementById('status').textContent.startsWith('done')"
+            page.wait_for_function(done, timeout=120_000)
+            assert page.inner_text("#status").startswith("done: 128 tokens"), page.inner_text("#status")
+            assert len(page.text_content("#completion")) == 128 and page.evaluate("window.updates") > 3
             page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
+            page.fill("#temperature", "0")
+            page.click("#go")
+            page.wait_for_function(done, timeout=120_000)
+            want = TOK.decode(generate.generate(small, [TOK.encode("ROMEO:")], max_new_tokens=128, temperature=0)[0])
+            assert page.text_content("#completion") == want
             chrome.close()
         assert os.path.getsize(tmp_path / "page.png") > 10_000
     finally:
         proc.terminate()
         proc.wait(20)
+        log.close()
+
+
+def test_sigterm_drains_then_exits_0_and_the_key_stays_out_of_the_output(model_dir, tmp_path):
+    """SIGTERM while a stream runs: new connections are refused, the stream finishes, the process exits 0. The
+    API key (and a wrong one sent) never appear in what the server printed."""
+    wrong = "sk-wrong-" + KEY[::-1]
+    with open(tmp_path / "server.log", "w") as log:
+        proc, url = start_server(model_dir, "--drain_timeout=60", log=log, key=KEY)
+        good = {"Authorization": f"Bearer {KEY}"}
+        try:
+            serve.wait_until_serving(url, 300, proc)
+            assert post(f"{url}/v1/completions", json=dict(prompt="a"),
+                        headers={"Authorization": f"Bearer {wrong}"}).status_code == 401
+            assert post(f"{url}/v1/completions", json=dict(prompt="a", max_tokens=2), headers=good).status_code == 200
+            n, lines = 1500, []
+
+            def read():
+                with stream(f"{url}/v1/completions", json=dict(prompt="ROMEO:", max_tokens=n, temperature=0,
+                                                               stream=True), headers=good) as r:
+                    lines.extend(r.iter_lines())
+            reader = threading.Thread(target=read, daemon=True)
+            reader.start()
+            for _ in range(3000):
+                if lines:
+                    break
+                time.sleep(0.01)
+            assert lines, "the stream did not start"
+            proc.send_signal(signal.SIGTERM)
+            signalled = time.monotonic()
+            refused = False
+            for _ in range(200):
+                try:
+                    httpx.get(f"{url}/healthz", timeout=2)
+                except (httpx.ConnectError, httpx.RemoteProtocolError):  # closed port, or closed unanswered
+                    refused = True
+                    break
+                time.sleep(0.05)
+            assert refused and reader.is_alive()  # no new connections while the running stream goes on
+            reader.join(120)
+            events = sse(lines)
+            assert events[-1]["usage"]["completion_tokens"] == n
+            assert events[-2]["choices"][0]["finish_reason"] == "length"
+            assert proc.wait(60) == 0 and time.monotonic() - signalled < 60
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+    output = (tmp_path / "server.log").read_text()
+    assert "API key required" in output and KEY not in output and wrong not in output
 
 
 def test_serve_cli_errors_are_one_line(tmp_path):
