@@ -36,9 +36,10 @@ tf.compat.v1.disable_eager_execution()
 for directory, arrays in json.loads(sys.argv[1]):
     os.chdir(directory)
     with tf.Graph().as_default(), tf.compat.v1.Session() as session:
-        variables = [tf.compat.v1.get_variable(name, initializer=tf.constant(array))
-                     for name, array in np.load(arrays).items()]
-        session.run(tf.compat.v1.global_variables_initializer())
+        variables = []
+        for name, array in np.load(arrays).items():  # fed, not constants: the graph in model.ckpt.meta stays small
+            variables.append(tf.compat.v1.get_variable(name, array.shape, tf.as_dtype(array.dtype)))
+            variables[-1].load(array, session)
         tf.compat.v1.train.Saver(variables, save_relative_paths=True).save(session, "model.ckpt")
     reader = tf.train.load_checkpoint(directory)
     np.savez("tf_read.npz", **{name: reader.get_tensor(name) for name in reader.get_variable_to_shape_map()})
