@@ -52,7 +52,8 @@ class Parser(argparse.ArgumentParser):
 def main(argv=None) -> None:
     parser = Parser(prog="python -m torch_bridge", description=__doc__.split("\n\n")[1])
     commands = parser.add_subparsers(dest="command", required=True)
-    imp = commands.add_parser("import", help="PyTorch GPT-2 or Llama checkpoint -> jaxgpt model directory")
+    imp = commands.add_parser("import", help="PyTorch GPT-2 or Llama checkpoint, or OpenAI's GPT-2 release -> jaxgpt "
+                              "model directory")
     imp.add_argument("--from", dest="source", type=parse_spec, required=True, metavar="hf:DIR|nanogpt:FILE|openai:DIR")
     imp.add_argument("--out", required=True, metavar="MODEL_DIR")
     imp.add_argument("--n-head", type=int, help="for bare state dicts: Llama, or GPT-2 whose n_embd matches no preset")
