@@ -17,7 +17,6 @@ import time
 
 import numpy as np
 from absl import app, flags
-
 from fresh import abba, run_json
 
 FLAGS = flags.FLAGS
