@@ -1,8 +1,9 @@
 """Where a model comes from: a training config (its shape, fresh weights) or saved weights, through one loader.
 
-Weights specs: hf:DIR (a Hugging Face GPT-2 directory), nanogpt:FILE (a nanoGPT ckpt.pt), ckpt:DIR or a bare DIR
-(a jaxgpt model directory or a training workdir, whose step is latest, best or a number). Every loader takes the
-compute-only overrides of model.COMPUTE_FIELDS.
+Weights specs: hf:DIR (a Hugging Face GPT-2 or Llama directory), nanogpt:FILE (a nanoGPT ckpt.pt), openai:DIR (a
+model of OpenAI's GPT-2 release: hparams.json and its TensorFlow checkpoint, read without TensorFlow), ckpt:DIR or
+a bare DIR (a jaxgpt model directory or a training workdir, whose step is latest, best or a number). Every loader
+takes the compute-only overrides of model.COMPUTE_FIELDS.
 """
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from ml_collections import ConfigDict
 from jaxgpt import checkpoint, model
 from jaxgpt.errors import UserValueError
 
-KINDS = ("hf", "nanogpt", "ckpt")
+SPECS = {"hf": "hf:DIR", "nanogpt": "nanogpt:FILE", "openai": "openai:DIR", "ckpt": "ckpt:DIR"}  # kind -> form
+KINDS = tuple(SPECS)
 # GPTConfig fields a training config's model section sets as they are
 ARCHITECTURE_FIELDS = ("bias", "activation", "norm", "mlp", "mlp_hidden", "positions", "rope_theta", "n_kv_head",
                        "tie_embeddings", "layer_norm_epsilon")
@@ -57,7 +59,7 @@ def load(spec: str, step: str | int | None = None, **overrides) -> model.GPT:
     if kind not in KINDS:
         kind, path = "ckpt", spec
     if not path:
-        raise UserValueError(f"{spec!r}: expected hf:DIR, nanogpt:FILE, ckpt:DIR or a directory")
+        raise UserValueError(f"{spec!r}: expected {', '.join(SPECS.values())} or a directory")
     if unknown := sorted(set(overrides) - set(model.COMPUTE_FIELDS)):
         raise UserValueError(f"loading {spec!r}: {unknown} are not compute-only fields {list(model.COMPUTE_FIELDS)}")
     if kind == "ckpt":
@@ -65,7 +67,8 @@ def load(spec: str, step: str | int | None = None, **overrides) -> model.GPT:
     if step not in (None, "latest"):
         raise UserValueError(f"step={step!r}: {spec!r} holds one set of weights; steps belong to training workdirs")
     import torch_bridge
-    return (torch_bridge.from_hf if kind == "hf" else torch_bridge.from_nanogpt)(path, **overrides)
+    importers = {"hf": torch_bridge.from_hf, "nanogpt": torch_bridge.from_nanogpt, "openai": torch_bridge.from_openai}
+    return importers[kind](path, **overrides)
 
 
 def crop_block_size(m: model.GPT, block_size: int) -> model.GPT:

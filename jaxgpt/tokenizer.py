@@ -229,8 +229,10 @@ def load_tokenizer(data_dir: str) -> Tokenizer:
 def stored_with(path: str) -> Tokenizer | None:
     """The tokenizer saved beside a model (PATH/tokenizer.json, jaxgpt's or Hugging Face's, or PATH/meta.pkl), or
     None when there is none or it is a Hugging Face tokenizer jaxgpt has no form of. PATH may be a weights spec
-    (hf:DIR, ckpt:DIR)."""
+    (hf:DIR, ckpt:DIR, or openai:DIR, whose tokenizer is its encoder.json and vocab.bpe)."""
     kind, _, rest = path.partition(":")
+    if kind == "openai":
+        return from_gpt2_files(rest)
     path = rest if kind in ("hf", "ckpt") else path
     if not any(os.path.isfile(os.path.join(path, name)) for name in (TOKENIZER_FILE, META_FILE)):
         return None
@@ -241,6 +243,37 @@ def stored_with(path: str) -> Tokenizer | None:
                             "another): not used", file)
             return None
     return load_tokenizer(path)
+
+
+def from_gpt2_files(directory: str) -> Tokenizer | None:
+    """The byte-level BPE of DIR/encoder.json and DIR/vocab.bpe (OpenAI's GPT-2 release keeps them beside each
+    model): GPT-2 BPE when they hold GPT-2's vocabulary and merges, else a BPETokenizer of them as they are; None
+    when they are absent."""
+    paths = {name: os.path.join(directory, name) for name in _GPT2_FILES}
+    if not all(map(os.path.isfile, paths.values())):
+        return None
+    if _gpt2_content(paths) == _gpt2_content(bundled_gpt2_files()):
+        return GPT2Tokenizer()
+    from tokenizers import AddedToken, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as HFTokenizer
+    try:  # what transformers' GPT2TokenizerFast builds of the two files
+        tok = HFTokenizer(models.BPE.from_file(paths["encoder.json"], paths["vocab.bpe"]))
+    except Exception as e:  # tokenizers raises plain Exception on a malformed file
+        raise UserValueError(f"{paths['encoder.json']}, {paths['vocab.bpe']}: not a BPE vocabulary and merges "
+                             f"({e})") from None
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    if tok.token_to_id(ENDOFTEXT) is not None:
+        tok.add_special_tokens([AddedToken(ENDOFTEXT, special=True)])
+    return BPETokenizer(tok)
+
+
+def _gpt2_content(paths: dict) -> tuple[dict, list[str]]:
+    """(vocabulary, merges) of an encoder.json and vocab.bpe, read as OpenAI's encoder.py reads them."""
+    vocab = _read_json(paths["encoder.json"])
+    with open(paths["vocab.bpe"], encoding="utf-8") as f:
+        merges = f.read().split("\n")[1:-1]  # a version line first, a newline last
+    return vocab, merges
 
 
 def _read_json(path: str):

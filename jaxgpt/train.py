@@ -102,7 +102,7 @@ class Trainer:
             params = jax.device_put(params, self.steps.state_sharding.params)
         else:
             raise UserValueError(f"init_from={self.config.init_from!r}: expected scratch, resume, hf:DIR, "
-                                 "nanogpt:FILE or ckpt:DIR")
+                                 "nanogpt:FILE, openai:DIR or ckpt:DIR")
         return fresh_state(self.steps, self.model_config, self.config.seed, params), 0
 
     def _check_fits(self, saved_config: dict, step: int):

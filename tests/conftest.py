@@ -13,7 +13,7 @@ jax.config.update("jax_default_matmul_precision", "highest")
 
 # These compare against PyTorch and Hugging Face: without torch installed, the other tests still run.
 TORCH_TESTS = ["test_bridge.py", "test_evaluate.py", "test_generate.py", "test_hf_export.py", "test_llama.py",
-               "test_model.py"]
+               "test_model.py", "test_openai.py"]
 collect_ignore = [] if importlib.util.find_spec("torch") else TORCH_TESTS
 
 SMALL_HF = dict(n_layer=2, n_head=4, n_embd=64, n_positions=128, vocab_size=100, bos_token_id=0, eos_token_id=0)

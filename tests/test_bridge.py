@@ -259,7 +259,7 @@ def test_cli_rejects_a_bad_spec(tmp_path, capsys, spec):
     with pytest.raises(SystemExit) as exit_info:
         cli_main(["import", "--from", spec, "--out", str(tmp_path / "out")])
     assert exit_info.value.code != 0
-    assert "expected hf:DIR or nanogpt:FILE" in capsys.readouterr().err
+    assert "expected hf:DIR, nanogpt:FILE or openai:DIR" in capsys.readouterr().err
 
 
 def test_cli_round_trip_hf_dir_to_jaxgpt_to_nanogpt(tmp_path, make_hf_gpt2):

@@ -1,7 +1,9 @@
-"""Move weights between jaxgpt and PyTorch: Hugging Face GPT2LMHeadModel and LlamaForCausalLM, nanoGPT's ckpt.pt.
+"""Move weights between jaxgpt and PyTorch: Hugging Face GPT2LMHeadModel and LlamaForCausalLM, nanoGPT's ckpt.pt;
+and import OpenAI's original GPT-2 release (TensorFlow checkpoints).
 
     model = from_hf(hf_model_or_dir_or_state_dict, dtype="bfloat16")  # keywords override GPTConfig fields
     save_hf(model, "out/hf");  to_nanogpt(model, "out/ckpt.pt");  model = from_nanogpt("out/ckpt.pt")
+    model = from_openai("models/124M")  # what OpenAI's download_model.py fetched
 
 Nothing is downloaded and no pickled code is ever run. See docs/torch_bridge.md.
 """
@@ -26,8 +28,8 @@ from jaxgpt.tokenizer import (
     Tokenizer,
     bundled_gpt2_files,
 )
-from torch_bridge import convert
-from torch_bridge.mapping import COMPILED_PREFIX, HF, LLAMA, MODEL_TYPES, NANOGPT, Format
+from torch_bridge import convert, tf_checkpoint
+from torch_bridge.mapping import COMPILED_PREFIX, EMBEDDING, HF, LLAMA, MODEL_TYPES, NANOGPT, OPENAI, Format
 
 HF_CLASSES = {HF: ("GPT2Config", "GPT2LMHeadModel"), LLAMA: ("LlamaConfig", "LlamaForCausalLM")}
 
@@ -187,4 +189,38 @@ def to_nanogpt(model: GPT, path: str) -> str:
     return path
 
 
-__all__ = ["from_hf", "to_hf", "save_hf", "hf_tokenizer", "from_nanogpt", "to_nanogpt"]
+def from_openai(directory, **overrides) -> GPT:
+    """directory: a model of OpenAI's GPT-2 release (models/124M ... 1558M: hparams.json and the TensorFlow
+    checkpoint that its `checkpoint` file names), read without TensorFlow. `overrides` set GPTConfig fields."""
+    hparams, hparams_path = read_hparams(os.fspath(directory))
+    sd, index = read_tf_variables(os.fspath(directory))
+    return convert.load(sd, convert.make_config(OPENAI, hparams, sd, hparams_path, None, overrides), OPENAI, index)
+
+
+def read_hparams(directory: str) -> tuple[dict, str]:
+    """(hyperparameters, path) of an OpenAI GPT-2 model directory's hparams.json."""
+    path = os.path.join(directory, "hparams.json")
+    if not os.path.isfile(path):
+        raise UserFileNotFoundError(f"{path}: no such file; an OpenAI GPT-2 model directory holds hparams.json "
+                                    "and a TensorFlow checkpoint")
+    with open(path) as f:
+        try:
+            hparams = json.load(f)
+        except json.JSONDecodeError as e:
+            raise UserValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(hparams, dict):
+        raise UserValueError(f"{path}: expected a JSON object of hyperparameters, got {str(hparams)[:100]}")
+    return hparams, path
+
+
+def read_tf_variables(directory: str) -> tuple[dict, str]:
+    """({variable name: tensor}, index file) of the TensorFlow checkpoint in an OpenAI GPT-2 model directory."""
+    prefix = tf_checkpoint.checkpoint_prefix(directory)
+    variables = tf_checkpoint.read(prefix)
+    if (embedding := convert.key_of(OPENAI, EMBEDDING)) not in variables:  # rather than list every key as missing
+        raise UserValueError(f"{prefix}.index is not an OpenAI GPT-2 checkpoint: it has no variable {embedding} "
+                             f"(it has {', '.join(sorted(variables)[:3]) or 'none'}{', ...' * (len(variables) > 3)})")
+    return {name: torch.from_numpy(v) for name, v in variables.items()}, f"{prefix}.index"
+
+
+__all__ = ["from_hf", "to_hf", "save_hf", "hf_tokenizer", "from_nanogpt", "to_nanogpt", "from_openai"]

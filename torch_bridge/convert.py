@@ -62,7 +62,8 @@ def torch_shape(shape, how, fmt: m.Format) -> tuple:
     if how == "flat":
         return (math.prod(shape),)
     io = in_out(shape, how)
-    return io[::-1] if fmt.transpose_linear else io
+    io = io[::-1] if fmt.transpose_linear else io
+    return (1, *io) if fmt.conv1d_kernels else io
 
 
 def vocab_rows(config: GPTConfig, fmt: m.Format) -> int:
@@ -115,7 +116,7 @@ def export_config(config: GPTConfig, fmt: m.Format) -> dict:
         out[fmt.head_dim_field] = config.head_dim
     if fmt.activation_field:
         out[fmt.activation_field] = next(k for k, v in fmt.activations.items() if v == config.activation)
-    return {**out, "vocab_size": vocab_rows(config, fmt)}
+    return {**out, fmt.vocab_field: vocab_rows(config, fmt)}
 
 
 def activation(fmt: m.Format, their_config: dict | None, source: str) -> dict:
@@ -144,7 +145,7 @@ def make_config(fmt: m.Format, their_config: dict | None, state_dict, source: st
     if their_config is None:
         fields, n_vocab = infer_fields(state_dict, fmt, n_head)
     else:
-        fields, n_vocab = read_config(fmt, their_config, source), their_config["vocab_size"]
+        fields, n_vocab = read_config(fmt, their_config, source), their_config[fmt.vocab_field]
 
     def padded(n):
         return -(-n // m.VOCAB_MULTIPLE) * m.VOCAB_MULTIPLE
@@ -157,9 +158,12 @@ def make_config(fmt: m.Format, their_config: dict | None, state_dict, source: st
 
 def read_config(fmt: m.Format, their_config: dict, source: str) -> dict:
     """GPTConfig fields from the format's config; a variant jaxgpt does not implement is refused, naming the entry."""
-    wanted = [e for theirs in fmt.config_fields.values() for e in entries(theirs)] + ["vocab_size"]
+    wanted = [e for theirs in fmt.config_fields.values() for e in entries(theirs)] + [fmt.vocab_field]
     if missing := [e for e in wanted if get(their_config, e) is _ABSENT]:
         raise UserValueError(f"{source}: its model config lacks {missing}")
+    if fmt.closed_config and (unknown := sorted(set(their_config) - set(wanted))):
+        raise UserValueError(f"{source}: {unknown} are not {fmt.name} settings ({', '.join(wanted)}): a model of "
+                             "another architecture")
     wrong = {e: v for e, accepted in fmt.requires.items() if (v := get(their_config, e, accepted[0])) not in accepted}
     if wrong:
         raise UserValueError(f"{source}: a {fmt.name} variant jaxgpt does not implement: " + ", ".join(
@@ -272,6 +276,7 @@ def state_dict(model: GPT, fmt: m.Format) -> dict[str, torch.Tensor]:
         elif isinstance(how, int):
             array = array.reshape(in_out(array.shape, how))
             array = array.T if fmt.transpose_linear else array
+            array = array[None] if fmt.conv1d_kernels else array
         out[key] = torch.from_numpy(np.ascontiguousarray(array))
     if config.tie_embeddings:
         out[m.HEAD] = out[key_of(fmt, m.EMBEDDING)]

@@ -1,8 +1,8 @@
 """The tables between jaxgpt parameter paths and PyTorch state-dict keys, plus per-format settings.
 
-GPT-2 (Hugging Face GPT2LMHeadModel and nanoGPT share key names) has one table, HF Llama (LlamaForCausalLM)
-another; `Format` records everything else that differs: Linear weight layout, vocabulary rows, module prefix,
-config names and which jaxgpt architectures the format can express.
+GPT-2 (Hugging Face GPT2LMHeadModel and nanoGPT share key names) has one table, OpenAI's TensorFlow release of
+GPT-2 its own, HF Llama (LlamaForCausalLM) another; `Format` records everything else that differs: Linear weight
+layout, vocabulary rows, module prefix, config names and which jaxgpt architectures the format can express.
 """
 from __future__ import annotations
 
@@ -31,6 +31,24 @@ GPT2_TABLE = (
     ("h.{i}.mlp.c_proj.bias", "transformer.h.{i}.mlp.c_proj.bias", None),
     ("ln_f.scale", "transformer.ln_f.weight", None),
     ("ln_f.bias", "transformer.ln_f.bias", None),
+)
+OPENAI_TABLE = (  # OpenAI's TensorFlow variable names (gpt-2's src/model.py); every w is a conv1d kernel [1, in, out]
+    ("wte.embedding", "model/wte", None),
+    ("wpe.embedding", "model/wpe", None),
+    ("h.{i}.ln_1.scale", "model/h{i}/ln_1/g", None),
+    ("h.{i}.ln_1.bias", "model/h{i}/ln_1/b", None),
+    ("h.{i}.attn.c_attn.kernel", "model/h{i}/attn/c_attn/w", 1),
+    ("h.{i}.attn.c_attn.bias", "model/h{i}/attn/c_attn/b", "flat"),
+    ("h.{i}.attn.c_proj.kernel", "model/h{i}/attn/c_proj/w", 2),
+    ("h.{i}.attn.c_proj.bias", "model/h{i}/attn/c_proj/b", None),
+    ("h.{i}.ln_2.scale", "model/h{i}/ln_2/g", None),
+    ("h.{i}.ln_2.bias", "model/h{i}/ln_2/b", None),
+    ("h.{i}.mlp.c_fc.kernel", "model/h{i}/mlp/c_fc/w", 1),
+    ("h.{i}.mlp.c_fc.bias", "model/h{i}/mlp/c_fc/b", None),
+    ("h.{i}.mlp.c_proj.kernel", "model/h{i}/mlp/c_proj/w", 1),
+    ("h.{i}.mlp.c_proj.bias", "model/h{i}/mlp/c_proj/b", None),
+    ("ln_f.scale", "model/ln_f/g", None),
+    ("ln_f.bias", "model/ln_f/b", None),
 )
 LLAMA_TABLE = (
     ("wte.embedding", "model.embed_tokens.weight", None),
@@ -80,6 +98,9 @@ class Format:
     shape_keys: dict = dataclasses.field(default_factory=dict)  # bare state dicts: field -> (key, axis) sizing it
     bare_defaults: dict = dataclasses.field(default_factory=dict)  # bare state dicts: fields no shape tells
     preset_heads: bool = False  # a bare state dict's n_head may come from the GPT-2 preset of its n_embd
+    vocab_field: str = "vocab_size"  # the config entry counting the vocabulary (the embedding's rows)
+    closed_config: bool = False  # the config holds these entries only: any other is another architecture's
+    conv1d_kernels: bool = False  # Linear weights carry TensorFlow conv1d's width axis first: [1, in, out]
 
 
 HF = Format("Hugging Face GPT-2", GPT2_TABLE, "transformer.", transpose_linear=False, keeps_padded_vocab=False,
@@ -117,4 +138,10 @@ LLAMA = Format("Hugging Face Llama", LLAMA_TABLE, "model.", transpose_linear=Tru
                                mlp_hidden=("model.layers.0.mlp.gate_proj.weight", 0),
                                n_kv_head=("model.layers.0.self_attn.k_proj.weight", 0)),  # rows: n_kv_head * D
                bare_defaults=dict(block_size=2048, layer_norm_epsilon=1e-6))  # LlamaConfig's defaults
+OPENAI = Format("OpenAI GPT-2", OPENAI_TABLE, "model/", transpose_linear=False, keeps_padded_vocab=False,
+                buffers=(), fixed={**GPT2_ARCH, "bias": True, "layer_norm_epsilon": 1e-5}, positive=(), hints={},
+                config_fields=dict(n_layer="n_layer", n_head="n_head", n_embd="n_embd", block_size="n_ctx"),
+                requires={}, activation_field=None,  # hparams.json
+                activations={"gelu": "gelu_tanh"},  # model.py's gelu() is the tanh form
+                vocab_field="n_vocab", closed_config=True, conv1d_kernels=True)
 MODEL_TYPES = {"gpt2": HF, "llama": LLAMA}  # an HF config's model_type -> its format
