@@ -9,6 +9,7 @@ import concurrent.futures
 import dataclasses
 import functools
 import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +18,7 @@ from absl import flags, logging
 from flax import nnx
 from ml_collections import ConfigDict, config_flags
 
-from jaxgpt import checkpoint, cli, data, loader, loss_scale, metrics, model, sharding, tokenizer
+from jaxgpt import checkpoint, cli, data, loader, loss_scale, metrics, model, preemption, sharding, tokenizer
 from jaxgpt.errors import UserFileNotFoundError, UserValueError
 from jaxgpt.step import TrainState, fresh_state, make_steps
 
@@ -268,7 +269,16 @@ def call_length(step: int, config: ConfigDict, checkpoint_every: int) -> int:
 
 
 def train(config: ConfigDict, workdir: str) -> TrainState:
-    """Trains config.max_steps optimizer steps, resuming from workdir's checkpoints; returns the final state."""
+    """Trains config.max_steps optimizer steps, resuming from workdir's checkpoints; returns the final state.
+    SIGTERM or SIGINT ends it early, with a checkpoint at the step reached: preemption.Preempted."""
+    watch = preemption.Watch()  # first: a signal during the set-up or the first compile stops the run cleanly
+    try:
+        return _train(config, workdir, watch)
+    finally:
+        watch.restore()
+
+
+def _train(config: ConfigDict, workdir: str, watch: preemption.Watch) -> TrainState:
     t = Trainer(config, workdir)
     config = t.config  # batch_size and grad_accum_steps resolved for this mesh
     checkpoint_every = config.checkpoint_every or config.eval_every
@@ -283,9 +293,9 @@ def train(config: ConfigDict, workdir: str) -> TrainState:
         bar = tqdm(total=config.max_steps, initial=start, unit="step", dynamic_ncols=True)
     say = bar.write if bar is not None else functools.partial(log, t.is_main)  # a line that keeps the bar intact
     steps_log = t.step_log(writer, say, start)
-    done = start
+    done = saved = start
     try:
-        while done < config.max_steps:
+        while done < config.max_steps and not watch.stop_before_call():
             n = call_length(done, config, checkpoint_every)
             state, call_metrics = t.steps.train_steps(state, t.next_batches(n))
             steps_log.add(done + 1, call_metrics)
@@ -300,7 +310,15 @@ def train(config: ConfigDict, workdir: str) -> TrainState:
                     val_loss = t.evaluate(state.params, done, writer, say)
                     steps_log.restart_clock()
                 t.save(state, done, val_loss)
+                saved = done
+            if watch.stop_after_call(done - n + 1, done):
+                break
         steps_log.flush()
+        if watch.cause:  # preempted: the step reached, saved unless it just was (or none was taken)
+            if saved != done:
+                t.save(state, done)
+            t.manager.wait_until_finished()
+            raise preemption.Preempted(done, watch.cause, workdir, saved=done != start)
     finally:
         t.manager.wait_until_finished()
         writer.close()
@@ -320,7 +338,11 @@ def main(argv):
         raise UserValueError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO; the trainer prints its own lines
     cli.maybe_initialize_distributed()
-    train(flags.FLAGS.config, flags.FLAGS.workdir)
+    try:
+        train(flags.FLAGS.config, flags.FLAGS.workdir)
+    except preemption.Preempted as stop:
+        log(jax.process_index() == 0, str(stop))
+        sys.exit(preemption.EXIT_STATUS)
 
 
 if __name__ == "__main__":
