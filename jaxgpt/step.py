@@ -66,8 +66,9 @@ def train_step(state: TrainState, batch, *, graphdef, tx, schedule, use_dropout:
         zeros = jax.tree.map(jnp.zeros_like, params)
         grads, losses = jax.lax.scan(micro_step, zeros, (batch["inputs"], batch["targets"], keys))
         grads = jax.tree.map(lambda g: g / n_micro, grads)
-    updates, opt_state = tx.update(grads, state.opt_state, params)
-    params = optax.apply_updates(params, updates)
+    with jax.named_scope("optimizer"):  # op names in profiles carry the scope (bench/trace_table.py groups by it)
+        updates, opt_state = tx.update(grads, state.opt_state, params)
+        params = optax.apply_updates(params, updates)
     new_state = state.replace(step=state.step + 1, params=nnx.merge_state(params, frozen) if lora else params,
                               opt_state=opt_state, rng=rng)
     return new_state, {"loss": losses.mean(), "grad_norm": optax.global_norm(grads), "lr": schedule(state.step)}
