@@ -65,6 +65,7 @@ TOL = 2e-2
 # relative distance ||g_a - g_b|| / ||g_b||, per parameter and over all of them.
 MODEL_LOSS_TOL = 1e-2
 MODEL_GRAD_TOL = 2e-2
+SMOKE_MODEL = dict(n_layer=2, n_head=2, n_embd=64, block_size=64)  # --smoke's model (bench/gpu_peer.py's too)
 
 
 def main():
@@ -286,8 +287,8 @@ def overrides(args, *, batch: int, accum: int) -> dict:
         if name in base:
             o[name] = 0
     if args.smoke:
-        o.update({"model.preset": "", "model.n_layer": 2, "model.n_head": 2, "model.n_embd": 64,
-                  "model.block_size": 64, "optim.lr": 1e-2, "optim.warmup_steps": 5})
+        o.update({"model.preset": "", **{f"model.{k}": v for k, v in SMOKE_MODEL.items()}, "optim.lr": 1e-2,
+                  "optim.warmup_steps": 5})
     return {**o, **args.set}
 
 
