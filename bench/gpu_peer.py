@@ -89,8 +89,11 @@ def run(args) -> dict:
     model, gpt, opt, n_params = build(shape, device)
     step_fn = torch.compile(model) if compiled else model
     A, B, T = args.accum, args.batch, shape["block_size"]
-    tokens = torch.from_numpy(step_tokens(A, B, T)[0].astype(np.int64)).to(device)  # (A, B, T + 1)
-    inputs, targets = tokens[..., :-1].contiguous(), tokens[..., 1:].contiguous()  # as nanoGPT's get_batch
+    tokens = torch.from_numpy(step_tokens(A, B, T)[0].astype(np.int64))  # (A, B, T + 1)
+    # one contiguous tensor per micro-batch, as nanoGPT's get_batch makes them (views would differ in offset only,
+    # which compiled graphs may guard on)
+    inputs = [tokens[m, :, :-1].contiguous().to(device) for m in range(A)]
+    targets = [tokens[m, :, 1:].contiguous().to(device) for m in range(A)]
     autocast = torch.autocast(device.type, dtype=torch.bfloat16)
 
     def one_step(i: int) -> float:
