@@ -9,7 +9,8 @@ or in the directory given, or --hlo) names what each op is and which named scope
 and op names alone decide.
 
 Which events count: on a GPU, the kernels, copies and memsets on the device's CUDA streams (pids named
-/device:GPU:N, threads named "Stream #..."; the derived "XLA Ops"/"XLA Modules" lines would count them twice); on a
+/device:GPU:N, threads whose name holds "Stream"; the derived "XLA Ops"/"XLA Modules" lines would count them twice,
+and are left out by name where no thread is a stream); on a
 CPU, the XLA ops the runtime ran (host events carrying an hlo_op), control flow (while, call, conditional) left out
 since their bodies' ops are counted.
 
@@ -155,7 +156,7 @@ def device_events(events: list) -> tuple[list, str]:
     complete = [e for e in events if e.get("ph") == "X" and "dur" in e]
     if gpus:
         on_gpu = [e for e in complete if e["pid"] in gpus]
-        streams = {key for key, name in threads.items() if key[0] in gpus and name.startswith("Stream")}
+        streams = {key for key, name in threads.items() if key[0] in gpus and re.search("stream", name, re.I)}
         if streams:
             return [e for e in on_gpu if (e["pid"], e.get("tid")) in streams], "gpu"
         return [e for e in on_gpu if not threads.get((e["pid"], e.get("tid")), "").startswith(DERIVED_LINES)], "gpu"
