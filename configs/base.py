@@ -36,7 +36,7 @@ def get_config() -> ConfigDict:
     c.model.scan_layers = False  # compile one block and lax.scan over the layers (faster compiles for big models)
     c.model.remat = "none"  # activation checkpointing per block: none | full | dots
     c.model.attention = "auto"  # auto | blocked | xla | cudnn: the attention implementation (jaxgpt/ops)
-    c.model.kernels = "fast"  # fast | reference: the kernel set (reference: plain jnp, for checking)
+    c.model.kernels = "fast"  # fast | gpu | reference: the kernel set (gpu: a GPU candidate; reference: plain jnp)
     c.model.loss_chunk = 4096  # tokens per device whose float32 logits the loss holds at once; 0: all of them
 
     c.lora = ConfigDict()

@@ -60,7 +60,7 @@ class GPTConfig:
     scan_layers: bool = False  # stack the blocks and run them with lax.scan (one block compiled, not n_layer)
     remat: str = "none"  # activation checkpointing per block: none | full | dots
     attention: str = "auto"  # auto | blocked | xla | cudnn (see jaxgpt/ops)
-    kernels: str = "fast"  # fast | reference (plain jnp): the kernel set of jaxgpt/ops
+    kernels: str = "fast"  # fast | gpu | reference (plain jnp): the kernel set of jaxgpt/ops
     loss_chunk: int = 4096  # tokens per device whose logits the loss holds at once; 0: the whole batch's
     matmul_precision: str = "default"  # float32 matmuls on a GPU: default (TF32) | high (bf16x3) | highest (float32)
     norm: str = "layernorm"  # layernorm (GPT-2) | rmsnorm (scale only, no bias)

@@ -1,7 +1,8 @@
 """The model's compute behind one API, `Ops`: dense layers, GELU, causal attention, the tied head and its loss.
 
-Two kernel sets compute the same math: `reference` (plain jnp, the definition) and `fast` (xla_cpu.py: the forms
-XLA's CPU backend runs fastest). Attention: blocked (the set's own causal kernel), xla or cudnn
+Three kernel sets compute the same math: `reference` (plain jnp, the definition), `fast` (xla_cpu.py: the forms
+XLA's CPU backend runs fastest) and `gpu` (gpu.py: a candidate for NVIDIA GPUs, outputs in the compute dtype).
+Attention: blocked (the set's own causal kernel), xla or cudnn
 (jax.nn.dot_product_attention), or auto (cudnn on GPU in half precision, else blocked). See docs/architecture.md.
 """
 from __future__ import annotations
@@ -13,9 +14,9 @@ import jax
 import jax.numpy as jnp
 
 from jaxgpt import sharding
-from jaxgpt.ops import reference, xla_cpu
+from jaxgpt.ops import gpu, reference, xla_cpu
 
-KERNELS = {"fast": xla_cpu, "reference": reference}
+KERNELS = {"fast": xla_cpu, "reference": reference, "gpu": gpu}
 ATTENTION = ("auto", "blocked", "xla", "cudnn")
 ACTIVATIONS = ("gelu_tanh", "gelu")  # GPT-2's (HF "gelu_new") and the exact erf form (nanoGPT's nn.GELU())
 
@@ -62,6 +63,7 @@ class Ops:
         """x (B, T, C) @ embedding (V, C)^T -> float32 logits (B, T, V)."""
         return KERNELS[self.kernels].tied_logits(x, embedding)
 
+    @jax.named_scope("loss")  # op names in profiles carry the scope (bench/trace_table.py groups by it)
     def tied_cross_entropy(self, x, embedding, targets, n_valid: int, chunk_tokens: int, scale=1.0):
         """The mean cross-entropy of the tied head's logits x (B, T, C) @ embedding (V, C)^T against targets
         (B, T), float32, times `scale` (a loss scale); targets < 0 are ignored and vocab rows >= n_valid excluded
@@ -85,6 +87,7 @@ class Ops:
         ts = sharding.constrain(ts, (None, "batch", None, None))
         return KERNELS[self.kernels].chunked_cross_entropy(xs, embedding, ts, n_valid, scale)
 
+    @jax.named_scope("attention")
     def causal_attention(self, qkv):
         """qkv (B, T, 3, n_head, head_dim), c_attn's output -> y (B, T, n_head, head_dim)."""
         implementation = resolve_attention(self.attention, self.dtype)
@@ -93,6 +96,7 @@ class Ops:
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=implementation)
 
+    @jax.named_scope("attention")
     def causal_attention_gqa(self, q, k, v):
         """q (B, T, n_head, head_dim), k and v (B, T, n_kv_head, head_dim) -> y (B, T, n_head, head_dim); each
         key/value head serves n_head // n_kv_head consecutive query heads."""
