@@ -14,7 +14,7 @@ from configs import base
 from jaxgpt import engine, generate, loss_scale, sharding, step
 from jaxgpt import model as gpt
 from jaxgpt.errors import UserValueError
-from jaxgpt.ops import reference, xla_cpu
+from jaxgpt.ops import KERNELS
 
 SMALL = dict(vocab_size=128, valid_vocab_size=100, block_size=32, n_layer=2, n_head=2, n_embd=32)
 
@@ -138,7 +138,7 @@ def test_dynamic_scale_doubles_after_period_finite_steps_and_halves_on_overflow(
     assert (float(fixed.scale), int(fixed.skipped)) == (8.0, 1)
 
 
-@pytest.mark.parametrize("kernels", ["fast", "reference"])
+@pytest.mark.parametrize("kernels", ["fast", "gpu", "reference"])
 def test_the_scale_reaches_the_gradients_before_they_are_rounded_to_float16(kernels):
     """Over 32,768 tokens (124M's micro-batch) each token's share of the mean loss is 3e-5: its hidden state's
     gradient lies in float16's subnormal range, and the chunked loss takes it in its forward pass. Unscaled, some
@@ -149,7 +149,7 @@ def test_the_scale_reaches_the_gradients_before_they_are_rounded_to_float16(kern
     x = jnp.asarray(rng.normal(size=(1, 1, 1, N, C)), jnp.float16)
     w = jnp.asarray(rng.normal(size=(V, C)) * 0.5, jnp.float32)
     t = jnp.asarray(rng.integers(0, V, (1, 1, 1, N)))
-    kernel = {"fast": xla_cpu, "reference": reference}[kernels].chunked_cross_entropy
+    kernel = KERNELS[kernels].chunked_cross_entropy
 
     def hidden_grad(dtype, scale):
         loss = lambda x: kernel(x, w, t, V, scale)

@@ -60,8 +60,9 @@ _chunked_cross_entropy.defvjp(_chunked_cross_entropy_fwd, _chunked_cross_entropy
 
 
 def _chunks(x, embedding, targets, n_valid, scale, with_grads: bool):
-    """-> (mean NLL times scale, and with_grads: dx (n, S, b, c, C) in x's dtype, dw (V, C) float32). Logits in x's dtype,
-    their log-sum-exp and the NLL in float32; the sums over tokens stay one per batch shard (S) until the end."""
+    """-> (mean NLL times scale, and with_grads: dx (n, S, b, c, C) in x's dtype, dw (V, C) float32). Logits in x's
+    dtype, their log-sum-exp and the NLL in float32; the sums over tokens stay one per batch shard (S) until the
+    end."""
     n, S, b, c, C = x.shape
     V = embedding.shape[0]
     w = embedding.astype(x.dtype)
