@@ -195,3 +195,24 @@ def test_two_cli_processes_resume_and_match_one_process(data_dir, tmp_path):
     compare.assert_weights_close(*(compare.flat(nnx.state(m, nnx.Param).to_pure_dict()) for m in (one, two)), atol=1e-6)
     tokens = jax.random.randint(jax.random.key(1), (4, one.config.block_size), 0, one.config.n_valid_vocab)
     np.testing.assert_allclose(np.asarray(one(tokens)[0]), np.asarray(two(tokens)[0]), rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_of_two_processes_saves_the_same_step_on_both(data_dir, tmp_path):
+    """SIGTERM to process 1 only: JAX's preemption service tells process 0, both stop after the same call, the one
+    checkpoint (orbax commits a step once every process wrote its part) is at the step process 0 reports, and both
+    exit with the requeue status."""
+    from jaxgpt import preemption
+    address = f"--coordinator_address=127.0.0.1:{free_port()}"
+    procs = [cli_train(tmp_path / "two", data_dir, 2000, 2, address, "--num_processes=2", f"--process_id={i}",
+                       "--config.checkpoint_every=2000", "--config.eval_every=2000", "--config.steps_per_call=3")
+             for i in range(2)]
+    for line in procs[0].stdout:  # both train
+        if line.startswith("step 12:"):
+            break
+    procs[1].send_signal(signal.SIGTERM)
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [preemption.EXIT_STATUS] * 2, outputs[1][-3000:]
+    reached = int(re.search(r"stopped at step (\d+), saved a checkpoint at step \1 in ", outputs[0]).group(1))
+    assert reached % 3 == 0 and 12 <= reached < 2000  # after a whole call of 3 steps
+    assert [p.name for p in (tmp_path / "two" / "checkpoints").iterdir()] == [str(reached)]  # no temporaries
