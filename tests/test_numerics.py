@@ -215,3 +215,89 @@ def test_float16_gradients_equal_float32_s_within_float16_rounding():
     del graphdef
     exact, half = grads("float32", None), grads("float16", 2.0 ** 16)
     assert np.linalg.norm(half - exact) / np.linalg.norm(exact) < 1e-2
+
+
+# ------------------------------------------------------------------------- the CPU recipe in float16 and after it
+
+RECIPE_STEPS = 600
+
+
+@pytest.fixture(scope="module")
+def recipe_runs(tmp_path_factory):
+    """configs/shakespeare_char_cpu.py (its model, batch and optimizer; RECIPE_STEPS steps, a schedule that ends
+    there) in bfloat16 and in float16 on the same data: {dtype: workdir}."""
+    import corpus
+
+    from jaxgpt import prepare, train
+    root = tmp_path_factory.mktemp("recipe")
+    data = prepare.prepare(str(root / "data"), dataset="text", input=corpus.write(root / "text.txt", 300_000),
+                           tokenizer="char")
+    runs = {}
+    for dtype in ("bfloat16", "float16"):
+        config = __import__("configs.shakespeare_char_cpu", fromlist=["_"]).get_config()
+        config.update_from_flattened_dict({
+            "data.dir": data, "model.dtype": dtype, "max_steps": RECIPE_STEPS, "optim.decay_steps": RECIPE_STEPS,
+            "eval_every": RECIPE_STEPS // 2, "sample_tokens": 0, "progress_bar": False})
+        train.train(config, str(root / dtype))
+        runs[dtype] = root / dtype
+    return runs
+
+
+@pytest.mark.slow
+def test_the_cpu_recipe_in_float16_ends_where_bfloat16_does(recipe_runs):
+    from jaxgpt import plot
+    rows = {dtype: plot.read_metrics(str(workdir)) for dtype, workdir in recipe_runs.items()}
+    val = {dtype: {r["step"]: r["val_loss"] for r in rs if "val_loss" in r} for dtype, rs in rows.items()}
+    print(f"\nval loss at steps {sorted(val['float16'])}: bfloat16 {val['bfloat16']}, float16 {val['float16']}")
+    assert sorted(val["float16"]) == sorted(val["bfloat16"]) == [RECIPE_STEPS // 2, RECIPE_STEPS]
+    for at in val["float16"]:
+        assert abs(val["float16"][at] - val["bfloat16"][at]) <= 0.05
+    assert val["float16"][RECIPE_STEPS] < val["float16"][RECIPE_STEPS // 2] - 0.1  # it learned
+    scaled = [r for r in rows["float16"] if "loss_scale" in r]
+    assert scaled and all(r["loss_scale"] >= 1 for r in scaled)
+    assert not any("loss_scale" in r for r in rows["bfloat16"])
+
+
+@pytest.mark.slow
+def test_a_float16_run_samples_evaluates_exports_and_serves(recipe_runs, tmp_path):
+    """The float16 workdir as every consumer takes it: greedy sampling (the device loop) equals the serving engine's
+    greedy tokens, the evaluation loss is the trainer's final val loss's neighbour, the HF export computes what
+    the float32 model computes, and `jaxgpt.sample` runs on it."""
+    import subprocess
+    import sys
+
+    import torch
+    import transformers
+
+    import torch_bridge
+    from jaxgpt import evaluate, loader, tokenizer
+    workdir = str(recipe_runs["float16"])
+    model = loader.load(workdir)
+    assert model.config.dtype == "float16"
+    tok = tokenizer.load_tokenizer(workdir)
+    prompt = tok.encode("The ")
+    greedy = generate.generate(model, [prompt], max_new_tokens=40, temperature=0)[0]
+    eng = engine.Engine(model, max_batch=2).start()
+    try:
+        served, done = [], threading.Event()
+        eng.submit(engine.Request(prompt, engine.Sampling(max_tokens=40, temperature=0.0), 1,
+                                  on_token=lambda c, t: served.append(t), on_finish=lambda c, why: done.set()))
+        assert done.wait(120)
+    finally:
+        eng.stop()
+    assert served == greedy
+    data_dir = str(recipe_runs["float16"].parent / "data")
+    scored = evaluate.evaluate_loss(model, evaluate.read_split(data_dir, "val", model.config.vocab_size))
+    from jaxgpt import plot
+    trainer_val = [r["val_loss"] for r in plot.read_metrics(workdir) if "val_loss" in r][-1]
+    assert abs(scored["loss"] - trainer_val) < 0.2, (scored, trainer_val)  # every window, not 20 random batches
+    hf_dir = torch_bridge.save_hf(model, str(tmp_path / "hf"), tok)
+    hf = transformers.GPT2LMHeadModel.from_pretrained(hf_dir, attn_implementation="eager").eval()
+    ids = np.asarray([prompt + greedy])
+    with torch.no_grad():
+        theirs = hf(torch.tensor(ids)).logits.numpy()
+    ours = np.asarray(loader.load(workdir, dtype="float32")(jnp.asarray(ids))[0])[..., :theirs.shape[-1]]
+    np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)
+    done = subprocess.run([sys.executable, "-m", "jaxgpt.sample", f"--ckpt={workdir}", "--prompt=The ",
+                           "--max_new_tokens=20", "--temperature=0"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and tok.decode(prompt + greedy[:20]) in done.stdout, done.stderr[-2000:]
