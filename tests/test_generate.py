@@ -36,6 +36,7 @@ def hf_greedy(hf_model, prompt, max_new_tokens=64):
     return generate._until_eot(out[0, len(prompt):].tolist(), EOT)
 
 
+@pytest.mark.gpu
 def test_greedy_matches_hf_alone_and_batched(hf_model, model):
     assert model.config.vocab_size > model.config.n_valid_vocab  # padded vocab rows are in play
     expected = [hf_greedy(hf_model, p) for p in PROMPTS]
@@ -55,6 +56,7 @@ def test_scan_layers_model_generates_the_same(hf_model, model):
         assert generate.generate(scanned, PROMPTS, max_new_tokens=32, temperature=0, loop=loop) == want
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("scan_layers", [False, True])
 def test_cached_logits_equal_full_forward(hf_model, scan_layers):
     model = torch_bridge.from_hf(hf_model, scan_layers=scan_layers)

@@ -56,6 +56,7 @@ def assert_same_params(a, b):
 # ---------------------------------------------------------------- parity and round trips
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("kv,tied,bias,vocab", SHAPES)
 def test_logits_match_hf_and_round_trip_is_bit_identical(make_hf_llama, kv, tied, bias, vocab):
     hf = make_hf_llama(**shape_kwargs(kv, tied, bias, vocab))
@@ -81,6 +82,7 @@ def test_scan_layers_import_gives_the_same_logits_and_round_trips(make_hf_llama)
     assert_same_state_dicts(hf.state_dict(), torch_bridge.to_hf(scanned).state_dict())
 
 
+@pytest.mark.gpu
 def test_lm_loss_matches_hf(make_hf_llama):
     hf = make_hf_llama()
     with torch.no_grad():  # HF shifts the labels itself
@@ -90,6 +92,7 @@ def test_lm_loss_matches_hf(make_hf_llama):
     assert abs(ours - theirs) <= 1e-5
 
 
+@pytest.mark.gpu
 def test_greedy_generation_matches_hf_generate(make_hf_llama):
     # a wide init and scaled norms put greedy choices far from ties
     hf = make_hf_llama(seed=1, perturb=0.5, initializer_range=0.3)

@@ -93,6 +93,7 @@ def results(*variants) -> dict:
     return values_and_grads(losses, *batch(SMALL), jax.random.key(7) if dropout_on else None)
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("variant", ["fast", "reference", "gpu", "fast, scan_layers, dropout"])
 def test_chunked_loss_equals_the_full_logits_loss_in_float32(variant):
     """Ignored targets and padded vocabulary rows in every batch; chunks that divide T, that do not, and one."""
@@ -110,6 +111,7 @@ def test_chunked_loss_equals_the_full_logits_loss_in_float32(variant):
         assert not ours[variant, str(chunk)][1]["['wte']['embedding'].value"][SMALL.n_valid_vocab:].any()
 
 
+@pytest.mark.gpu
 def test_chunked_loss_in_bfloat16():
     """Against the unchunked bfloat16 path: both round the hidden states, weights and logit cotangents to bfloat16
     at the same points, so they differ by float32 summation order only (and the roundings it flips). Tolerances:
@@ -126,6 +128,7 @@ def test_chunked_loss_in_bfloat16():
         assert abs(chunked[0] - today[0]) <= 1e-5 and relative <= 1e-4
 
 
+@pytest.mark.gpu
 def test_gpu_chunked_loss_in_bfloat16_is_as_close_to_float32_as_the_full_logits():
     """The gpu set rounds the logits to bfloat16 (as nanoGPT's autocast does; the full-logits path keeps them in
     float32), so it is held to float32 instead, as close as the bfloat16 full-logits loss is. Measured: that loss

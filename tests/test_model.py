@@ -48,11 +48,13 @@ def check_parity(hf, B: int, T: int, label: str, **overrides):
     assert np.all(np.isneginf(logits[..., vocab:]))  # padded rows
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("scan_layers", [False, True])
 def test_small_model_matches_hf(make_hf_gpt2, scan_layers):
     check_parity(make_hf_gpt2(), B=2, T=32, label=f"small, scan_layers={scan_layers}", scan_layers=scan_layers)
 
 
+@pytest.mark.gpu
 def test_124m_matches_hf(hf_124m):
     check_parity(hf_124m, B=1, T=64, label="124M")
 
@@ -151,6 +153,7 @@ def relative_errors(grads: dict, reference: dict) -> np.ndarray:
     return np.array([((grads[k] - ref).abs().max() / ref.abs().max()).item() for k, ref in reference.items()])
 
 
+@pytest.mark.gpu
 def test_long_sequence_logits_and_gradients_match_hf(make_hf_gpt2):
     """T=300 runs attention in three query blocks (128, 128, 44): logits, loss and every parameter's gradient must
     match HF's eager attention and autograd."""
@@ -162,6 +165,7 @@ def test_long_sequence_logits_and_gradients_match_hf(make_hf_gpt2):
     assert worst <= 1e-4
 
 
+@pytest.mark.gpu
 def test_bf16_gradients_as_accurate_as_torch_autocast(make_hf_gpt2):
     """bfloat16 gradients (half-precision matmuls in the backward pass too) against float32 HF autograd: no worse
     than HF's own gradients under torch.autocast(bfloat16) against the same reference."""

@@ -70,6 +70,7 @@ def lowered_programs(config: gpt.GPTConfig) -> dict[str, str]:
     return seen
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("precision", ["high", "highest"])
 def test_matmul_precision_reaches_every_dot_of_every_program(precision):
     config = gpt.GPTConfig(**SMALL, matmul_precision=precision)
@@ -138,6 +139,7 @@ def test_dynamic_scale_doubles_after_period_finite_steps_and_halves_on_overflow(
     assert (float(fixed.scale), int(fixed.skipped)) == (8.0, 1)
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("kernels", ["fast", "gpu", "reference"])
 def test_the_scale_reaches_the_gradients_before_they_are_rounded_to_float16(kernels):
     """Over 32,768 tokens (124M's micro-batch) each token's share of the mean loss is 3e-5: its hidden state's
@@ -181,6 +183,7 @@ def batch(targets_kept: int, seed: int):
     return {"inputs": jnp.asarray(tokens[..., :-1]), "targets": jnp.asarray(targets)}
 
 
+@pytest.mark.gpu
 def test_an_overflowing_step_is_skipped_whole_and_halves_the_scale():
     """A batch whose loss rests on one token: its gradient, times the scale 2^16, exceeds float16's 65,504. That
     step changes no weight and no optimizer moment (nor Adam's count), halves the scale and is counted; the steps
@@ -201,6 +204,7 @@ def test_an_overflowing_step_is_skipped_whole_and_halves_the_scale():
     assert min(jax.tree.leaves(moved)) > 0
 
 
+@pytest.mark.gpu
 def test_float16_gradients_equal_float32_s_within_float16_rounding():
     """The unscaled float16 gradient of a step against float32's: the loss scale is divided out exactly once."""
     config = gpt.GPTConfig(**SMALL)

@@ -50,6 +50,7 @@ def worst(result, reference) -> tuple[float, float]:
     return relative(result[0], reference[0]), max(relative(g, r) for g, r in zip(result[1], reference[1]))
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("kernels", ["fast", "gpu"])
 @pytest.mark.parametrize("name", OPS)
 def test_kernels_equal_reference_in_float32(name, kernels):
@@ -60,6 +61,7 @@ def test_kernels_equal_reference_in_float32(name, kernels):
     assert fwd <= 1e-6 and grad <= 1e-5
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("kernels", ["fast", "gpu"])
 @pytest.mark.parametrize("name", OPS)
 def test_kernels_equal_reference_in_bfloat16(name, kernels):
@@ -88,6 +90,7 @@ def model_loss_and_grads(config, idx):
 MODEL = GPTConfig(vocab_size=V, valid_vocab_size=100, n_layer=2, n_head=H, n_embd=C, block_size=320, init_std=0.1)
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("kernels,attention", [("fast", "blocked"), ("fast", "xla"), ("gpu", "blocked")])
 def test_model_on_kernels_equals_reference_in_float32(kernels, attention):
     base = dataclasses.replace(MODEL, attention=attention)
@@ -100,6 +103,7 @@ def test_model_on_kernels_equals_reference_in_float32(kernels, attention):
     assert abs(ours[0] - ref[0]) <= 1e-6 and grad <= 1e-5
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("kernels", ["fast", "gpu"])
 def test_model_in_bfloat16_is_as_close_to_float32_as_the_reference_set(kernels):
     """The whole model in bfloat16 against the float32 reference: a set may round elsewhere than the reference set,
@@ -116,6 +120,25 @@ def test_model_in_bfloat16_is_as_close_to_float32_as_the_reference_set(kernels):
           f"loss {ref[0]:.2g}, gradients {ref[1]:.3g}")
     assert ours[0] <= 1.25 * ref[0] and ours[1] <= 1.25 * ref[1]
     assert ours[1] > 1e-4  # bfloat16 really was used
+
+
+@pytest.mark.gpu
+def test_the_backends_attention_equals_xlas_in_bfloat16():
+    """attention=auto's choice for bfloat16 (cuDNN's flash attention on a GPU, the blocked kernel elsewhere) against
+    XLA's, forward and gradients, at the 124M head shape. bfloat16 keeps 8 bits: they may differ by a few ulps where
+    they round at other points, |a - b| <= 2e-2 (1 + |b|) (bench/gpu_check.py's criterion); a wrong mask, scale or
+    layout is off by O(1)."""
+    implementation = resolve_attention("auto", "bfloat16")
+    assert implementation == ("cudnn" if jax.default_backend() == "gpu" else "blocked")
+    qkv = rand((2, 256, 3, 12, 64), 11).astype(jnp.bfloat16)
+    cotangent = rand((2, 256, 12, 64), 12)
+    results = {}
+    for name in (implementation, "xla"):
+        ops = Ops("fast", name, "bfloat16")
+        y, vjp = jax.vjp(ops.causal_attention, qkv)
+        results[name] = [np.asarray(y, np.float32), np.asarray(vjp(cotangent.astype(y.dtype))[0], np.float32)]
+    for ours, xla in zip(results[implementation], results["xla"]):
+        assert np.all(np.abs(ours - xla) <= 2e-2 * (1 + np.abs(xla))), np.abs(ours - xla).max()
 
 
 def primitives(fn, *args) -> str:
