@@ -14,7 +14,7 @@ from flax import nnx
 from ml_collections import ConfigDict
 
 from jaxgpt import checkpoint, model
-from jaxgpt.errors import UserValueError
+from jaxgpt.errors import UserRuntimeError, UserValueError
 
 SPECS = {"hf": "hf:DIR", "nanogpt": "nanogpt:FILE", "openai": "openai:DIR", "ckpt": "ckpt:DIR"}  # kind -> form
 KINDS = tuple(SPECS)
@@ -66,7 +66,13 @@ def load(spec: str, step: str | int | None = None, **overrides) -> model.GPT:
         return checkpoint.load_model(path, step, **overrides)
     if step not in (None, "latest"):
         raise UserValueError(f"step={step!r}: {spec!r} holds one set of weights; steps belong to training workdirs")
-    import torch_bridge
+    try:
+        import torch_bridge
+    except ModuleNotFoundError as e:
+        if e.name != "torch":
+            raise
+        raise UserRuntimeError(f"loading {spec!r} goes through torch_bridge, which needs PyTorch: "
+                               "pip install -e '.[torch]'") from None
     importers = {"hf": torch_bridge.from_hf, "nanogpt": torch_bridge.from_nanogpt, "openai": torch_bridge.from_openai}
     return importers[kind](path, **overrides)
 

@@ -39,8 +39,8 @@ def test_any_utf8_round_trips_exactly(bpe):
 
 
 def test_bpe_compresses_the_char_corpus_better_than_characters(bpe):
-    char = tokenizer.CharTokenizer.from_text(TEXT)
-    held_out = corpus.text(260_000)[200_000:]  # the corpus repeats, so the tail is text it has seen
+    held_out = corpus.text(260_000)[200_000:]  # past the BPE's training text (unless this Python's corpus repeats)
+    char = tokenizer.CharTokenizer.from_text(TEXT + held_out)  # every character it is asked to encode
     n_bytes = len(held_out.encode("utf-8"))
     bpe_ratio, char_ratio = n_bytes / len(bpe.encode(held_out)), n_bytes / len(char.encode(held_out))
     print(f"\nbytes per token: bpe 2048 {bpe_ratio:.2f}, char ({char.vocab_size}) {char_ratio:.2f}")

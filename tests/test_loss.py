@@ -131,15 +131,19 @@ def test_chunked_loss_in_bfloat16():
 @pytest.mark.gpu
 def test_gpu_chunked_loss_in_bfloat16_is_as_close_to_float32_as_the_full_logits():
     """The gpu set rounds the logits to bfloat16 (as nanoGPT's autocast does; the full-logits path keeps them in
-    float32), so it is held to float32 instead, as close as the bfloat16 full-logits loss is. Measured: that loss
-    3.6e-5 and gradients 7.6e-3 (of each gradient's largest entry) from float32, the gpu chunks 4.3e-6 and 7.3e-3,
-    whatever the chunking. Bounds: 1e-4 and 1e-2."""
+    float32), so it is held to float32 instead, as close as the bfloat16 full-logits loss is: the loss, and the
+    gradients the loss itself computes (the head's, wte, and ln_f's, the first its hidden gradient reaches).
+    Measured (jax 0.10.2 and 0.11.2 alike): that loss 3.6e-5 and those gradients 4.6e-3 (of each gradient's largest
+    entry) from float32, the gpu chunks 4.3e-6 and 4.6e-3, whatever the chunking. Bounds: 1e-4 and 1e-2. (The other
+    weights' gradients come from the set's dense layers: tests/test_ops.py holds those.)"""
     ours = results(*ONE_COMPILE)
     exact, full = ours["fast", "today"], ours["bfloat16", "today"]
+    loss_own = [k for k in exact[1] if "'wte'" in k or "'ln_f'" in k]
+    assert len(loss_own) == 3, loss_own  # wte, ln_f's scale and bias
     for what, result in [("full logits", full)] + [(f"gpu, loss_chunk={c}", ours["gpu, bfloat16", str(c)])
                                                    for c in VARIANTS["gpu, bfloat16"][1]]:
         relative = max(float(np.abs(result[1][k] - exact[1][k]).max() / np.abs(exact[1][k]).max())
-                       for k in exact[1])
+                       for k in loss_own)
         print(f"\n[bfloat16 vs float32] {what}: |loss diff| {abs(result[0] - exact[0]):.2g}, worst gradient diff / "
               f"its largest entry {relative:.2g}", end="")
         assert abs(result[0] - exact[0]) <= 1e-4 and 1e-4 < relative <= 1e-2
