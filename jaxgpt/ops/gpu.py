@@ -14,14 +14,12 @@ In float32 every op here computes what the reference set computes.
 """
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 
 from jaxgpt import sharding
 from jaxgpt.ops.reference import int8_dense, int8_tied_logits, tied_logits  # noqa: F401 (the set's API)
-from jaxgpt.ops.xla_cpu import causal_attention, gelu  # noqa: F401 (the set's API)
+from jaxgpt.ops.xla_cpu import causal_attention, fused_cross_entropy, gelu  # noqa: F401 (the set's API)
 
 
 def dense(x, kernel, bias, dtype, n_in=1):
@@ -38,25 +36,6 @@ def chunked_cross_entropy(x, embedding, targets, n_valid, scale=1.0):
     forward pass also takes each chunk's gradients (the head's three matmuls per token, logits never stored), the
     mean loss times `scale` (a loss scale, applied before the gradients are rounded)."""
     return _chunked_cross_entropy(x, embedding, targets, jnp.asarray(scale, jnp.float32), n_valid)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _chunked_cross_entropy(x, embedding, targets, scale, n_valid):
-    return _chunks(x, embedding, targets, n_valid, scale, with_grads=False)[0]
-
-
-def _chunked_cross_entropy_fwd(x, embedding, targets, scale, n_valid):
-    loss, dx, dw = _chunks(x, embedding, targets, n_valid, scale, with_grads=True)
-    return loss, (dx, dw.astype(embedding.dtype), loss / scale)
-
-
-def _chunked_cross_entropy_bwd(n_valid, residuals, g):
-    dx, dw, unscaled = residuals
-    times_g = lambda d: (g * d.astype(jnp.float32)).astype(d.dtype)
-    return times_g(dx), times_g(dw), None, g * unscaled
-
-
-_chunked_cross_entropy.defvjp(_chunked_cross_entropy_fwd, _chunked_cross_entropy_bwd)
 
 
 def _chunks(x, embedding, targets, n_valid, scale, with_grads: bool):
@@ -98,3 +77,6 @@ def _chunks(x, embedding, targets, n_valid, scale, with_grads: bool):
         (nll, dw), dx = jax.lax.scan(body, (jnp.zeros((S,), jnp.float32), dw0), (x, targets))
     dw = None if dw is None else sharding.constrain(dw.sum(0), ("vocab", "embed"))
     return nll.sum() / count * scale, dx, dw
+
+
+_chunked_cross_entropy = fused_cross_entropy(_chunks)

@@ -131,23 +131,25 @@ def chunked_cross_entropy(x, embedding, targets, n_valid, scale=1.0):
     return _chunked_cross_entropy(x, embedding, targets, jnp.asarray(scale, jnp.float32), n_valid)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _chunked_cross_entropy(x, embedding, targets, scale, n_valid):
-    return _cross_entropy_chunks(x, embedding, targets, n_valid, scale, with_grads=False)[0]
+def fused_cross_entropy(chunks):
+    """The loss of `chunks(x, embedding, targets, n_valid, scale, with_grads) -> (loss, dx, dw)` under one custom
+    VJP: differentiated, the forward pass asks chunks for its gradients too and keeps them (never the logits); the
+    backward pass only multiplies them by the loss's cotangent. -> loss(x, embedding, targets, scale, n_valid)."""
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+    def loss(x, embedding, targets, scale, n_valid):
+        return chunks(x, embedding, targets, n_valid, scale, with_grads=False)[0]
 
+    def loss_fwd(x, embedding, targets, scale, n_valid):
+        value, dx, dw = chunks(x, embedding, targets, n_valid, scale, with_grads=True)
+        return value, (dx, dw.astype(embedding.dtype), value / scale)
 
-def _chunked_cross_entropy_fwd(x, embedding, targets, scale, n_valid):
-    loss, dx, dw = _cross_entropy_chunks(x, embedding, targets, n_valid, scale, with_grads=True)
-    return loss, (dx, dw.astype(embedding.dtype), loss / scale)
+    def loss_bwd(n_valid, residuals, g):
+        dx, dw, unscaled = residuals
+        times_g = lambda d: (g * d.astype(jnp.float32)).astype(d.dtype)
+        return times_g(dx), times_g(dw), None, g * unscaled
 
-
-def _chunked_cross_entropy_bwd(n_valid, residuals, g):
-    dx, dw, unscaled = residuals
-    times_g = lambda d: (g * d.astype(jnp.float32)).astype(d.dtype)
-    return times_g(dx), times_g(dw), None, g * unscaled
-
-
-_chunked_cross_entropy.defvjp(_chunked_cross_entropy_fwd, _chunked_cross_entropy_bwd)
+    loss.defvjp(loss_fwd, loss_bwd)
+    return loss
 
 
 def _cross_entropy_chunks(x, embedding, targets, n_valid, scale, with_grads: bool):
@@ -194,6 +196,9 @@ def _cross_entropy_chunks(x, embedding, targets, n_valid, scale, with_grads: boo
         (nll, dw), dx = jax.lax.scan(body, (jnp.zeros((S,), jnp.float32), dw0), (x, targets))
     dw = None if dw is None else sharding.constrain(dw.sum(0), ("vocab", "embed"))  # (V, C), laid out as wte
     return nll.sum() / count * scale, dx, dw
+
+
+_chunked_cross_entropy = fused_cross_entropy(_cross_entropy_chunks)
 
 
 def causal_attention(qkv, block: int = 128):
