@@ -19,7 +19,7 @@ import jax.numpy as jnp
 
 from jaxgpt import sharding
 from jaxgpt.ops.reference import int8_dense, int8_tied_logits, tied_logits  # noqa: F401 (the set's API)
-from jaxgpt.ops.xla_cpu import causal_attention, fused_cross_entropy, gelu  # noqa: F401 (the set's API)
+from jaxgpt.ops.xla_cpu import causal_attention, fused_cross_entropy, gelu, over_chunks  # noqa: F401 (API)
 
 
 def dense(x, kernel, bias, dtype, n_in=1):
@@ -65,17 +65,7 @@ def _chunks(x, embedding, targets, n_valid, scale, with_grads: bool):
         dw = jnp.einsum("sbtv,sbtc->svc", dlogits, xc, preferred_element_type=jnp.float32)
         return nll, dx, sharding.constrain(dw, ("batch", "vocab", None))
 
-    if n == 1:  # no loop: a one-trip loop keeps XLA from fusing across it
-        nll, dx, dw = chunk(x[0], targets[0])
-        dx = None if dx is None else dx[None]
-    else:
-        def body(carry, chunk_in):
-            nll, dw = carry
-            nll_chunk, dx, dw_chunk = chunk(*chunk_in)
-            return (nll + nll_chunk, None if dw is None else dw + dw_chunk), dx
-        dw0 = jnp.zeros((S, V, C), jnp.float32) if with_grads else None
-        (nll, dw), dx = jax.lax.scan(body, (jnp.zeros((S,), jnp.float32), dw0), (x, targets))
-    dw = None if dw is None else sharding.constrain(dw.sum(0), ("vocab", "embed"))
+    nll, dx, dw = over_chunks(chunk, x, targets, V, with_grads)
     return nll.sum() / count * scale, dx, dw
 
 

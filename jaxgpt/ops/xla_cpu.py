@@ -184,6 +184,15 @@ def _cross_entropy_chunks(x, embedding, targets, n_valid, scale, with_grads: boo
             dw = _matmul_tn(dlogits.reshape(S, -1, V), x2.reshape(S, -1, C))
         return nll, dx.reshape(S, b, c, C), sharding.constrain(dw, ("batch", "vocab", None))  # dw float32
 
+    nll, dx, dw = over_chunks(chunk, x, targets, V, with_grads)
+    return nll.sum() / count * scale, dx, dw
+
+
+def over_chunks(chunk, x, targets, V: int, with_grads: bool):
+    """chunk(xc (S, b, c, C), tc (S, b, c)) -> (NLL (S,), dx, dw (S, V, C) float32) over the n chunks of x
+    (n, S, b, c, C): -> (the NLL summed per shard (S,), dx stacked (n, ...), dw (V, C) laid out as wte), the grads
+    None without with_grads. The sums stay one per batch shard until the loop ends: one reduction on a mesh."""
+    n, S, _, _, C = x.shape
     if n == 1:  # no loop: a one-trip loop keeps XLA from fusing across it
         nll, dx, dw = chunk(x[0], targets[0])
         dx = None if dx is None else dx[None]
@@ -194,8 +203,7 @@ def _cross_entropy_chunks(x, embedding, targets, n_valid, scale, with_grads: boo
             return (nll + nll_chunk, None if dw is None else dw + dw_chunk), dx
         dw0 = jnp.zeros((S, V, C), jnp.float32) if with_grads else None
         (nll, dw), dx = jax.lax.scan(body, (jnp.zeros((S,), jnp.float32), dw0), (x, targets))
-    dw = None if dw is None else sharding.constrain(dw.sum(0), ("vocab", "embed"))  # (V, C), laid out as wte
-    return nll.sum() / count * scale, dx, dw
+    return nll, dx, None if dw is None else sharding.constrain(dw.sum(0), ("vocab", "embed"))
 
 
 _chunked_cross_entropy = fused_cross_entropy(_cross_entropy_chunks)
