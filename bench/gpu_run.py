@@ -173,7 +173,7 @@ def pytest_item(args, work: str) -> Item:
 def serve_item(args, work: str) -> Item:
     out = os.path.join(work, "serve.json")
     cmd = [sys.executable, os.path.join(HERE, "serve.py"), f"--json={out}", *shlex.split(args.serve_flags)]
-    return Item("serve", "serve", 120, 150 if args.smoke else 240, cmd, ON_DEMAND, result_file=out)
+    return Item("serve", "serve", 180, 150 if args.smoke else 300, cmd, ON_DEMAND, result_file=out)
 
 
 def train_item(config: str, args, work: str) -> Item:
@@ -341,7 +341,8 @@ def main():
     p.add_argument("--list", action="store_true", help="print the plan with its estimates and exit")
     args = p.parse_args()
     if args.serve_flags is None:
-        args.serve_flags = "--new_tokens=8 --repeats=1 --load_weights=" if args.smoke else ""
+        args.serve_flags = ("--new_tokens=8 --repeats=1 --load_weights=" if args.smoke else  # docs/serving.md
+                            "--time_limit=200 --repeats=3 --requests=8 --load_tokens=64 --load_weights=float32")
     budget = args.budget or (1500 if args.smoke else 540)
     t0 = float(os.environ.get("GPU_RUN_T0") or time.time())
     work = args.work
