@@ -3,9 +3,10 @@ gradients survive float16's narrow range, and the float32 gradients are divided 
 
 Dynamic (PyTorch's GradScaler, jmp's DynamicLossScale): a step whose gradients are not all finite changes no weight
 and no optimizer moment (optax.apply_if_finite's semantics: nor Adam's step count, nor the schedule's), halves the
-scale and is counted; after `period` finite steps in a row the scale doubles. A fixed scale skips such steps alike
-but never changes. The scale and the counters are part of the training state: checkpointed, resumed exactly and
-logged. Written here rather than taken from jmp (last released 2023): it is three scalars and one select.
+scale and is counted; after `period` finite steps in a row the scale doubles; a step skipped at the least scale
+ends the run (divergence). A fixed scale skips such steps alike but never changes; more than MAX_SKIPS_IN_A_ROW in a
+row end the run (jaxgpt/metrics.py). The scale and the counters are part of the training state: checkpointed,
+resumed exactly and logged. Written here rather than taken from jmp (last released 2023): three scalars, one select.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from jaxgpt.errors import UserValueError
 
 INITIAL_DYNAMIC_SCALE = 2.0 ** 16  # PyTorch GradScaler's init_scale
 MIN_SCALE = 1.0
+MAX_SKIPS_IN_A_ROW = 10  # a fixed scale: more overflowing steps in a row end the run (jaxgpt/metrics.py)
 
 
 @struct.dataclass

@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import glob
 import json
+import math
 import os
 import pathlib
 import secrets
@@ -64,6 +65,8 @@ class StepLog:
         self.peak_flops = (peak_flops_per_device(config.peak_flops) or 0) * jax.device_count()
         self.workdir, self.last_checkpoint = workdir, last_checkpoint
         self.pending = None  # (first step, metrics) of the call in flight
+        self.fixed_scale = isinstance(loss_scale.resolve(config.optim.loss_scale, config.model.dtype), float)
+        self.skips_in_a_row = 0
         self.clock = (time.perf_counter(), start)  # (time, step) of the last report
 
     def add(self, first_step: int, call_metrics: dict):
@@ -78,8 +81,8 @@ class StepLog:
         (first, call_metrics), self.pending = self.pending, None
         values = {k: np.asarray(v) for k, v in jax.device_get(call_metrics).items()}  # each (steps in the call,)
         finite = np.isfinite(values["loss"]) & np.isfinite(values["grad_norm"])
-        if "skipped" in values:  # float16: a skipped step is the loss scale at work, until the scale is at its least
-            finite |= (values.pop("skipped") > 0) & (values["loss_scale"] > loss_scale.MIN_SCALE)
+        if "skipped" in values:  # float16: skipped steps are the loss scale at work, within bounds
+            finite |= self._tolerable_skips(values.pop("skipped") > 0, values["loss_scale"])
         bad = np.flatnonzero(~finite)
         if bad.size:
             i = bad[0]
@@ -91,6 +94,17 @@ class StepLog:
             if step % self.log_every == 0 or step == self.max_steps:
                 self._write(step, {k: float(v[step - first]) for k, v in values.items()}, tok_s)
         self.clock = (now, last)
+
+    def _tolerable_skips(self, skipped: np.ndarray, scales: np.ndarray) -> np.ndarray:
+        """Which skipped steps of a call are no cause to stop: a dynamic scale's above its least (it halves each
+        time), a fixed scale's up to MAX_SKIPS_IN_A_ROW in a row (a scale too large for every step would otherwise
+        train nothing, silently)."""
+        ok = np.zeros_like(skipped)
+        for i, skip in enumerate(skipped):
+            self.skips_in_a_row = self.skips_in_a_row + 1 if skip else 0
+            ok[i] = skip and (scales[i] > loss_scale.MIN_SCALE if not self.fixed_scale
+                              else self.skips_in_a_row <= loss_scale.MAX_SKIPS_IN_A_ROW)
+        return ok
 
     def restart_clock(self):
         """After an evaluation: its time is not training throughput."""
@@ -135,7 +149,8 @@ class MetricWriter:
         if not self.enabled:
             return
         scalars = {k: float(v) for k, v in metrics.items()}
-        self.jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
+        finite = {k: v if math.isfinite(v) else None for k, v in scalars.items()}  # JSON has no inf: a skipped step
+        self.jsonl.write(json.dumps({"step": step, **finite}) + "\n")
         self.jsonl.flush()
         self.tb.write_scalars(step, scalars)
         if self.wandb is not None:

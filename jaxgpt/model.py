@@ -37,9 +37,7 @@ NORMS, MLPS, POSITIONS = ("layernorm", "rmsnorm"), ("gelu", "swiglu"), ("learned
 # GPTConfig fields that change how a model computes, not its weights: every loader may override them.
 COMPUTE_FIELDS = ("dtype", "dropout", "scan_layers", "remat", "attention", "kernels", "loss_chunk", "matmul_precision")
 DTYPES = ("float32", "bfloat16", "float16")
-# matmul_precision -> jax.default_matmul_precision's value: what a float32 matmul means on a GPU (TF32 / bf16x3 /
-# float32); None leaves JAX's own setting (JAX_DEFAULT_MATMUL_PRECISION, else XLA's default: TF32 on NVIDIA GPUs)
-MATMUL_PRECISIONS = {"default": None, "high": "high", "highest": "highest"}
+MATMUL_PRECISIONS = ("default", "high", "highest")  # what a float32 matmul means on a GPU: TF32 / bf16x3 / float32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,12 +115,25 @@ class GPTConfig:
         return min(self.vocab_size, self.valid_vocab_size or self.vocab_size)
 
 
+def matmul_precision(config: GPTConfig) -> str | None:
+    """config.matmul_precision as jax.default_matmul_precision's value; None leaves JAX's own setting
+    (JAX_DEFAULT_MATMUL_PRECISION, else XLA's default: TF32 on NVIDIA GPUs). JAX's 'high' is TF32 on a GPU too (it
+    is bf16x3 on a TPU), so there a float32 model's 'high' names the algorithm; in a half-precision model that
+    algorithm would widen the half dots to float32, and 'high' only touches its few float32 dots."""
+    name = config.matmul_precision
+    if name == "default":
+        return None
+    if name == "high" and config.dtype == "float32" and jax.default_backend() == "gpu":
+        return "BF16_BF16_F32_X3"
+    return name
+
+
 def with_matmul_precision(method):
     """Runs a GPT method under its config's matmul_precision: every dot it traces takes it, and so do their
     gradients (autodiff's transposed dots keep the forward's precision; the kernels' own backward passes too)."""
     @functools.wraps(method)
     def run(self, *args, **kwargs):
-        precision = MATMUL_PRECISIONS[self.config.matmul_precision]
+        precision = matmul_precision(self.config)
         if precision is None:
             return method(self, *args, **kwargs)
         with jax.default_matmul_precision(precision):

@@ -31,12 +31,14 @@ class Preempted(Exception):
 
 
 class Watch:
-    """Installs the handlers on creation (restore() puts the previous ones back); stop_after_call() is asked after
-    every call, on every process alike."""
+    """Installs the handlers on creation (restore() puts the previous ones back). The loop asks stop_before_call()
+    before each call and stop_after_call() after it, on every process alike; `stopped` says whether one said yes."""
 
     def __init__(self):
         self.cause: str | None = None
+        self.stopped = False
         self.multi = jax.process_count() > 1
+        self.synced = 0  # several processes: the step ids passed to the sync point check so far (1..synced)
         ours = {signal.SIGINT: self._forward if self.multi else self._note}
         if not self.multi:  # several processes: JAX's preemption service handles SIGTERM
             ours[signal.SIGTERM] = self._note
@@ -45,26 +47,44 @@ class Watch:
         self.previous = {s: signal.signal(s, handler) for s, handler in ours.items()}
 
     def _note(self, signum, frame):
+        if self.cause is not None and signum == signal.SIGINT:  # a second Ctrl-C: the user insists
+            signal.signal(signal.SIGINT, self.previous.get(signal.SIGINT, signal.default_int_handler))
+            raise KeyboardInterrupt
         if self.cause is None:
             self.cause = f"{signal.Signals(signum).name} received"
-            print(f"{self.cause}: stopping after the step in flight, then saving a checkpoint", flush=True)
+            # os.write, not print: a handler that prints while the main thread writes can raise in it
+            os.write(2, f"{self.cause}: stopping after the step in flight, then saving a checkpoint\n".encode())
 
     def _forward(self, signum, frame):
         if self.cause is None:
             self.cause = f"{signal.Signals(signum).name} received"
             os.kill(os.getpid(), signal.SIGTERM)
 
-    def stop_before_call(self) -> bool:
-        """One process: a signal came before this call (during the set-up, the first compile, a save)."""
-        return not self.multi and self.cause is not None
-
-    def stop_after_call(self, first: int, last: int) -> bool:
-        """After a call that took steps first..last. Several processes: every step id goes to the sync point check,
-        in order and once, as orbax's saves pass theirs: the service picks the step after the furthest process's
-        last one, so every process stops after the same call."""
+    def stop_before_call(self, done: int) -> bool:
+        """Before the call after step `done`: one process, whether a signal came (during the set-up, the first
+        compile, a save); several, whether the sync point lies at or before `done` (a notice before the first call
+        of a resumed run: the service counted from 0)."""
         if not self.multi:
-            return self.cause is not None
-        reached = [multihost_utils.reached_preemption_sync_point(s) for s in range(first, last + 1)]
+            self.stopped = self.cause is not None
+        else:
+            self.stopped = self._reached(done)
+        return self.stopped
+
+    def stop_after_call(self, done: int) -> bool:
+        """After the call that reached step `done`. Several processes: every step id goes to the sync point check,
+        in order and once, as orbax's saves pass theirs; the service picks the step after the furthest process's
+        last one, so every process stops after the same call."""
+        self.stopped = self._reached(done) if self.multi else self.cause is not None
+        return self.stopped
+
+    def _reached(self, done: int) -> bool:
+        try:
+            reached = [multihost_utils.reached_preemption_sync_point(s) for s in range(self.synced + 1, done + 1)]
+        except RuntimeError as e:  # jax_enable_preemption_service=False: no agreement to be had
+            print(f"warning: {e}: a signal ends this run without a checkpoint", flush=True)
+            self.multi = False
+            return False
+        self.synced = max(self.synced, done)
         if any(reached):
             self.cause = self.cause or "a preemption notice (SIGTERM to one of the processes)"
         return any(reached)

@@ -258,7 +258,8 @@ class Server:
             choices += [Choice(self.tok, stop) for _ in range(body.n)]
 
             def post(kind, c, value, base=base):
-                loop.call_soon_threadsafe(events.put_nowait, (kind, base + c, value))
+                if not loop.is_closed():  # a request the drain gave up on, finished after the server stopped
+                    loop.call_soon_threadsafe(events.put_nowait, (kind, base + c, value))
             requests.append(engine.Request(p, sampling, body.n, on_token=lambda c, t, post=post: post("token", c, t),
                                            on_finish=lambda c, why, post=post: post("finish", c, why)))
         try:

@@ -295,7 +295,7 @@ def _train(config: ConfigDict, workdir: str, watch: preemption.Watch) -> TrainSt
     steps_log = t.step_log(writer, say, start)
     done = saved = start
     try:
-        while done < config.max_steps and not watch.stop_before_call():
+        while done < config.max_steps and not watch.stop_before_call(done):
             n = call_length(done, config, checkpoint_every)
             state, call_metrics = t.steps.train_steps(state, t.next_batches(n))
             steps_log.add(done + 1, call_metrics)
@@ -311,10 +311,10 @@ def _train(config: ConfigDict, workdir: str, watch: preemption.Watch) -> TrainSt
                     steps_log.restart_clock()
                 t.save(state, done, val_loss)
                 saved = done
-            if watch.stop_after_call(done - n + 1, done):
+            if done < config.max_steps and watch.stop_after_call(done):
                 break
         steps_log.flush()
-        if watch.cause:  # preempted: the step reached, saved unless it just was (or none was taken)
+        if watch.stopped:  # preempted: the step reached, saved unless it just was (or none was taken)
             if saved != done:
                 t.save(state, done)
             t.manager.wait_until_finished()

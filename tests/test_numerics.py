@@ -82,6 +82,18 @@ def test_matmul_precision_reaches_every_dot_of_every_program(precision):
         assert found == [precision.upper()] * len(found), (name, found)
 
 
+def test_high_is_bf16x3_for_a_float32_model_on_a_gpu(monkeypatch):
+    """JAX's HIGH is TF32 on a GPU (as its default): there a float32 model's 'high' names the bf16x3 algorithm on
+    every dot; a bfloat16 model's bfloat16 dots keep their types (the algorithm would widen them to float32)."""
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # lowering only: the algorithm lowers on a CPU too
+    for dtype, bf16x3 in (("float32", True), ("bfloat16", False)):
+        config = gpt.GPTConfig(**SMALL, dtype=dtype, matmul_precision="high", attention="blocked")  # no cuDNN here
+        hlo = lowered_programs(config)["train_steps"]
+        dots = re.findall(r"stablehlo\.dot_general[^\n]*", hlo)
+        with_algorithm = [d for d in dots if "num_primitive_operations = 3" in d and "lhs_precision_type = bf16" in d]
+        assert len(with_algorithm) == (len(dots) if bf16x3 else 0), (dtype, len(with_algorithm), len(dots))
+
+
 def test_default_matmul_precision_leaves_jax_its_own_setting():
     """default: the model sets nothing, so JAX_DEFAULT_MATMUL_PRECISION (or XLA's default) decides."""
     config = gpt.GPTConfig(**SMALL, kernels="reference")
