@@ -117,30 +117,36 @@ def gelu(x, approximate: bool):
     return jax.nn.gelu(x.astype(jnp.float32), approximate=approximate).astype(x.dtype)
 
 
+def relu2(x):
+    # in float32 whatever the compute dtype, as gelu
+    return jnp.square(jax.nn.relu(x.astype(jnp.float32))).astype(x.dtype)
+
+
 def tied_logits(x, embedding):
     B, T, C = x.shape
     return matmul_nt(x.reshape(B * T, C), embedding).reshape(B, T, -1)
 
 
-def chunked_cross_entropy(x, embedding, targets, n_valid):
+def chunked_cross_entropy(x, embedding, targets, n_valid, softcap=0.0):
     """x (n, S, b, c, C), targets (n, S, b, c): a loop over the n chunks under one custom VJP. Differentiated, the
     forward pass also takes each chunk's gradients (softmax - one-hot, through the head's two backward matmuls), so
     the logits are computed once and never stored: the head's three matmuls per token, as without chunks (fused
-    cross-entropy kernels do the same). The backward pass only scales those gradients by the loss's cotangent."""
-    return _chunked_cross_entropy(x, embedding, targets, n_valid)
+    cross-entropy kernels do the same). The backward pass only scales those gradients by the loss's cotangent.
+    softcap > 0 caps the logits, softcap * tanh(logits / softcap), whose derivative 1 - tanh^2 the gradients carry."""
+    return _chunked_cross_entropy(x, embedding, targets, n_valid, softcap)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _chunked_cross_entropy(x, embedding, targets, n_valid):
-    return _cross_entropy_chunks(x, embedding, targets, n_valid, with_grads=False)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _chunked_cross_entropy(x, embedding, targets, n_valid, softcap):
+    return _cross_entropy_chunks(x, embedding, targets, n_valid, softcap, with_grads=False)[0]
 
 
-def _chunked_cross_entropy_fwd(x, embedding, targets, n_valid):
-    loss, dx, dw = _cross_entropy_chunks(x, embedding, targets, n_valid, with_grads=True)
+def _chunked_cross_entropy_fwd(x, embedding, targets, n_valid, softcap):
+    loss, dx, dw = _cross_entropy_chunks(x, embedding, targets, n_valid, softcap, with_grads=True)
     return loss, (dx, dw.astype(embedding.dtype))
 
 
-def _chunked_cross_entropy_bwd(n_valid, residuals, g):
+def _chunked_cross_entropy_bwd(n_valid, softcap, residuals, g):
     dx, dw = residuals
     scale = lambda d: (g * d.astype(jnp.float32)).astype(d.dtype)
     return scale(dx), scale(dw), None
@@ -149,7 +155,7 @@ def _chunked_cross_entropy_bwd(n_valid, residuals, g):
 _chunked_cross_entropy.defvjp(_chunked_cross_entropy_fwd, _chunked_cross_entropy_bwd)
 
 
-def _cross_entropy_chunks(x, embedding, targets, n_valid, with_grads: bool):
+def _cross_entropy_chunks(x, embedding, targets, n_valid, softcap, with_grads: bool):
     """-> (mean NLL, and with_grads: its gradients dx (n, S, b, c, C) in x's dtype and dw (V, C) float32). The
     sums over tokens stay one per batch shard (S) until the loop ends: on a mesh, one reduction, not one a chunk."""
     n, S, b, c, C = x.shape
@@ -161,6 +167,9 @@ def _cross_entropy_chunks(x, embedding, targets, n_valid, with_grads: bool):
         x2, t = xc.reshape(-1, C), tc.reshape(-1)  # (N, C), (N,): 2-D, as `dense`
         logits = jax.lax.dot_general(x2, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
         logits = sharding.constrain(logits, ("batch", "vocab"))  # (N, V) float32
+        if softcap:
+            tanh = jnp.tanh(logits / softcap)
+            logits = softcap * tanh
         if n_valid < V:
             logits = jnp.where(jnp.arange(V) < n_valid, logits, -jnp.inf)
         valid = t >= 0
@@ -171,6 +180,8 @@ def _cross_entropy_chunks(x, embedding, targets, n_valid, with_grads: bool):
         if not with_grads:
             return nll, None, None
         dlogits = (jnp.exp(logits - lse[:, None]) - (jnp.arange(V) == t[:, None])) * (valid / count)[:, None]
+        if softcap:  # through the cap: d(softcap * tanh(z / softcap)) / dz = 1 - tanh^2
+            dlogits = dlogits * (1 - jnp.square(tanh))
         dlogits = dlogits.astype(x.dtype)  # rounded to the compute dtype, as the unchunked head's backward pass
         dx = jnp.dot(dlogits, w, preferred_element_type=jnp.float32).astype(x.dtype)  # (N, C)
         if S == 1:  # 2-D, faster on CPU
