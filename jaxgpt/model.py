@@ -12,7 +12,6 @@ Compute runs in `config.dtype` over `config.param_dtype` weights, through the ke
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 
 import jax
@@ -249,9 +248,14 @@ def identity(x):
     return x
 
 
-def softcap(logits, cap: float):
-    """cap * tanh(logits / cap): logits bounded to (-cap, cap), nearly unchanged well inside."""
-    return cap * jnp.tanh(logits / cap)
+@dataclasses.dataclass(frozen=True)
+class SoftCap:
+    """cap * tanh(logits / cap): logits bounded to (-cap, cap), nearly unchanged well inside. A value, so that two
+    models of one config have equal graphdefs (jitted programs are cached by them)."""
+    cap: float
+
+    def __call__(self, logits):
+        return self.cap * jnp.tanh(logits / self.cap)
 
 
 class Embed(nnx.Module):
@@ -389,7 +393,7 @@ class GPT(nnx.Module):
             width = (config.n_kv_head or config.n_head) * config.head_dim
             self.value_embeds = nnx.List([Embed(config.vocab_size, ("vocab", "embed"), config, rngs=rngs,
                                                 width=width) for _ in range(config.value_embeds)])
-        self.softcap = functools.partial(softcap, cap=config.logit_softcap) if config.logit_softcap else identity
+        self.softcap = SoftCap(config.logit_softcap) if config.logit_softcap else identity
 
     def __call__(self, idx, *, rng: jax.Array | None = None, cache=None, positions=None):
         """idx (B, T) int tokens -> float32 logits (B, T, vocab_size).
