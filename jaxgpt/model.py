@@ -59,8 +59,7 @@ class GPTConfig:
     kernels: str = "fast"  # fast | reference (plain jnp): the kernel set of jaxgpt/ops
     loss_chunk: int = 4096  # tokens per device whose logits the loss holds at once; 0: the whole batch's
     norm: str = "layernorm"  # layernorm (GPT-2) | rmsnorm (scale only, no bias)
-    mlp: str = "gelu"  # gelu (GPT-2: c_fc, GELU, c_proj) | swiglu (c_proj(silu(c_gate(x)) * c_fc(x)), as Llama)
-    # | relu2 (c_fc, relu(.)^2, c_proj)
+    mlp: str = "gelu"  # gelu (GPT-2: c_fc, GELU, c_proj) | relu2 (relu(.)^2 for GELU) | swiglu (Llama's gated form)
     mlp_hidden: int = 0  # the MLP's width; 0: 4 * n_embd (gelu, relu2) or 8/3 * n_embd rounded up to 256 (swiglu)
     positions: str = "learned"  # learned (wpe) | rope (rotary, on queries and keys)
     rope_theta: float = 10000.0  # rotary base
