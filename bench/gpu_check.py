@@ -333,7 +333,7 @@ def check_step(args) -> dict:
     step_s = float(np.median(times))
     tokens_per_step = A * B * T
     tok_s = tokens_per_step / step_s
-    fpt = metrics.flops_per_token(steps.n_params, mc.block_size * mc.n_embd, mc.n_layer, mc.block_size, mc.n_embd)
+    fpt = metrics.flops_per_token(steps.n_params, mc.n_lookup_params, mc.n_layer, mc.block_size, mc.n_embd)
     peak = metrics.peak_flops_per_device(float(os.environ.get("PEAK_FLOPS", 0)))
     stats = jax.local_devices()[0].memory_stats() or {}
     result = {

@@ -21,12 +21,16 @@ def get_config() -> ConfigDict:
     c.model.bias = True  # biases in Linear and LayerNorm layers (GPT-2: True)
     c.model.activation = "gelu_tanh"  # the MLP's GELU: gelu_tanh (GPT-2's) | gelu (exact erf, nanoGPT's)
     c.model.norm = "layernorm"  # layernorm (GPT-2) | rmsnorm
-    c.model.mlp = "gelu"  # gelu (GPT-2) | swiglu (gate, up and down projections, as Llama)
-    c.model.mlp_hidden = 0  # the MLP's width; 0: 4 * n_embd (gelu) or 8/3 * n_embd rounded up to 256 (swiglu)
+    c.model.mlp = "gelu"  # gelu (GPT-2) | swiglu (gate, up and down projections, as Llama) | relu2 (relu(x)^2)
+    c.model.mlp_hidden = 0  # the MLP's width; 0: 4 * n_embd (gelu, relu2) or 8/3 * n_embd rounded up to 256 (swiglu)
     c.model.positions = "learned"  # learned (GPT-2's wpe) | rope (rotary)
     c.model.rope_theta = 10000.0  # rotary base
     c.model.n_kv_head = 0  # 0: GPT-2's fused c_attn; n: separate q/k/v with n key/value heads (grouped-query)
     c.model.tie_embeddings = True  # the head shares wte (GPT-2); False: its own lm_head
+    c.model.qk_norm = False  # RMS-normalise queries and keys per head (no scale) before attention
+    c.model.logit_softcap = 0.0  # >0: logits = cap * tanh(logits / cap) (modded-nanogpt: 30, later 15)
+    c.model.zero_init_proj = False  # attn.c_proj, mlp.c_proj and an untied lm_head start at 0 (GPT-2: small normal)
+    c.model.value_embeds = 0  # n extra embedding tables mixed into the values of the first n and last n layers
     c.model.layer_norm_epsilon = 1e-5  # the norms' epsilon (GPT-2 1e-5, Llama 1e-6)
     c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 | float16 (parameters stay float32; fp16 trains
     # under optim.loss_scale)
@@ -59,12 +63,15 @@ def get_config() -> ConfigDict:
     c.steps_per_call = 1  # optimizer steps per jitted call (a lax.scan); >1 amortises the per-call cost of small models
 
     c.optim = ConfigDict()
-    c.optim.lr = 6e-4  # peak learning rate, reached after warmup_steps
-    c.optim.min_lr_ratio = 0.1  # cosine decays to lr * min_lr_ratio
+    c.optim.name = "adamw"  # adamw | muon (Muon on the hidden matrices, AdamW on embeddings, head, norms, biases)
+    c.optim.lr = 6e-4  # peak learning rate, reached after warmup_steps (muon: that of the norms and biases)
+    c.optim.schedule = "cosine"  # cosine (nanoGPT's) | trapezoid (warmup, constant, linear cool-down)
+    c.optim.cooldown_frac = 0.4  # trapezoid: the last fraction of decay_steps that falls linearly to the end lr
+    c.optim.min_lr_ratio = 0.1  # the schedule ends at lr * min_lr_ratio
     c.optim.warmup_steps = 100  # steps of linear warmup to lr, in the form `warmup` picks
     c.optim.warmup = "nanogpt"  # nanogpt: lr*(s+1)/(warmup_steps+1) at step s | build_nanogpt: lr*(s+1)/warmup_steps
     c.optim.decay_steps = 0  # steps of warmup + cosine decay; 0: max_steps
-    c.optim.weight_decay = 0.1  # AdamW decay, applied to weights of 2+ dims only (as nanoGPT)
+    c.optim.weight_decay = 0.1  # AdamW decay of the weights of 2+ dims only (as nanoGPT; muon: embeddings and head)
     c.optim.b1 = 0.9  # Adam beta1
     c.optim.b2 = 0.95  # Adam beta2
     c.optim.eps = 1e-8  # Adam epsilon
@@ -72,6 +79,13 @@ def get_config() -> ConfigDict:
     # float16's loss scale: auto (dynamic for float16, none otherwise) | dynamic | none | a fixed number
     c.optim.loss_scale = "auto"
     c.optim.loss_scale_period = 2000  # dynamic: finite steps in a row before the scale doubles (it halves on overflow)
+    c.optim.muon_lr = 0.02  # muon: peak learning rate of the hidden matrices
+    c.optim.muon_momentum = 0.95  # muon: momentum of its buffer
+    c.optim.muon_nesterov = True  # muon: orthogonalise the Nesterov step (True) or the buffer
+    c.optim.ns_steps = 5  # muon: Newton-Schulz iterations
+    c.optim.muon_weight_decay = 0.0  # muon: decoupled decay of the hidden matrices (times muon_lr)
+    c.optim.embed_lr = 0.0  # muon: AdamW's peak lr of wte, wpe and the value embeddings; 0: lr
+    c.optim.head_lr = 0.0  # muon: AdamW's peak lr of an untied lm_head; 0: lr
 
     c.max_steps = 5000  # optimizer steps to train for
     c.eval_every = 500  # steps between evaluations (val loss, sample, checkpoint)

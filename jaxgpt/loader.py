@@ -20,7 +20,8 @@ SPECS = {"hf": "hf:DIR", "nanogpt": "nanogpt:FILE", "openai": "openai:DIR", "ckp
 KINDS = tuple(SPECS)
 # GPTConfig fields a training config's model section sets as they are
 ARCHITECTURE_FIELDS = ("bias", "activation", "norm", "mlp", "mlp_hidden", "positions", "rope_theta", "n_kv_head",
-                       "tie_embeddings", "layer_norm_epsilon")
+                       "tie_embeddings", "layer_norm_epsilon", "qk_norm", "logit_softcap", "zero_init_proj",
+                       "value_embeds")
 
 
 def model_config(config: ConfigDict, vocab_size: int) -> model.GPTConfig:

@@ -4,7 +4,8 @@ Parameter names follow Hugging Face's GPT2LMHeadModel (wte, wpe, h, ln_1, attn.c
 mlp.c_fc, mlp.c_proj, ln_f); kernels are stored [in..., out...] with heads as their own axis, (C, 3, H, D) for
 c_attn, so tensor parallelism splits whole heads and the bridge is a reshape. The modern blocks are config
 switches beside GPT-2's: RMSNorm, SwiGLU (mlp.c_gate), rotary positions, grouped-query attention (attn.q_proj,
-k_proj, v_proj, as HF Llama) and an untied head (lm_head).
+k_proj, v_proj, as HF Llama) and an untied head (lm_head); so are the speedrun's (modded-nanogpt's): QK-norm, ReLU^2,
+logit soft-capping, zero-initialised projections and value embeddings (value_embeds, attn.value_mix).
 Every parameter names its logical axes ('embed', 'mlp', ...); jaxgpt/sharding.py maps them onto a mesh.
 Compute runs in `config.dtype` over `config.param_dtype` weights, through the kernels of jaxgpt/ops.
 """
@@ -33,7 +34,7 @@ REMAT_POLICIES = {  # config.remat -> what a rematerialised block keeps from its
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
-NORMS, MLPS, POSITIONS = ("layernorm", "rmsnorm"), ("gelu", "swiglu"), ("learned", "rope")
+NORMS, MLPS, POSITIONS = ("layernorm", "rmsnorm"), ("gelu", "swiglu", "relu2"), ("learned", "rope")
 # GPTConfig fields that change how a model computes, not its weights: every loader may override them.
 COMPUTE_FIELDS = ("dtype", "dropout", "scan_layers", "remat", "attention", "kernels", "loss_chunk", "matmul_precision")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -62,12 +63,16 @@ class GPTConfig:
     loss_chunk: int = 4096  # tokens per device whose logits the loss holds at once; 0: the whole batch's
     matmul_precision: str = "default"  # float32 matmuls on a GPU: default (TF32) | high (bf16x3) | highest (float32)
     norm: str = "layernorm"  # layernorm (GPT-2) | rmsnorm (scale only, no bias)
-    mlp: str = "gelu"  # gelu (GPT-2: c_fc, GELU, c_proj) | swiglu (c_proj(silu(c_gate(x)) * c_fc(x)), as Llama)
-    mlp_hidden: int = 0  # the MLP's width; 0: 4 * n_embd (gelu) or 8/3 * n_embd rounded up to 256 (swiglu)
+    mlp: str = "gelu"  # gelu (GPT-2: c_fc, GELU, c_proj) | relu2 (relu(.)^2 for GELU) | swiglu (Llama's gated form)
+    mlp_hidden: int = 0  # the MLP's width; 0: 4 * n_embd (gelu, relu2) or 8/3 * n_embd rounded up to 256 (swiglu)
     positions: str = "learned"  # learned (wpe) | rope (rotary, on queries and keys)
     rope_theta: float = 10000.0  # rotary base
     n_kv_head: int = 0  # 0: GPT-2's fused c_attn; n: separate q/k/v projections with n key/value heads (GQA)
     tie_embeddings: bool = True  # the head is wte; False: its own lm_head (V, C)
+    qk_norm: bool = False  # queries and keys RMS-normalised per head (no scale) before rope and attention
+    logit_softcap: float = 0.0  # >0: logits = cap * tanh(logits / cap)
+    zero_init_proj: bool = False  # attn.c_proj, mlp.c_proj and an untied lm_head start at 0
+    value_embeds: int = 0  # extra (V, kv heads * head_dim) tables mixed into the values of the first and last n layers
     lora_rank: int = 0  # >0: low-rank adapters (nnx.LoRAParam) beside the lora_targets' kernels
     lora_alpha: float = 16.0  # adapters add (lora_alpha / lora_rank) * x @ A @ B
     lora_targets: tuple[str, ...] = ("attn",)  # attn (c_attn or q/k/v, attn.c_proj) and/or mlp (c_fc, c_gate, c_proj)
@@ -86,6 +91,9 @@ class GPTConfig:
         if self.lora_rank < 0 or not set(self.lora_targets) <= {"attn", "mlp"} or not self.lora_targets:
             raise UserValueError(f"lora_rank={self.lora_rank}, lora_targets={self.lora_targets}: the rank must be >= 0 "
                                  "and the targets a non-empty set of attn, mlp")
+        if self.logit_softcap < 0 or self.value_embeds < 0 or 2 * self.value_embeds > self.n_layer:
+            raise UserValueError(f"logit_softcap={self.logit_softcap} must be >= 0 (0: none) and value_embeds="
+                                 f"{self.value_embeds} between 0 and n_layer / 2 = {self.n_layer // 2}")
         if self.positions == "rope" and self.head_dim % 2:
             raise UserValueError(f"rotary positions need an even head_dim, got {self.head_dim}")
         for name, allowed in (("remat", REMAT_POLICIES), ("attention", ATTENTION), ("kernels", KERNELS),
@@ -108,7 +116,21 @@ class GPTConfig:
     def mlp_dim(self) -> int:
         if self.mlp_hidden:
             return self.mlp_hidden
-        return 4 * self.n_embd if self.mlp == "gelu" else 256 * math.ceil(8 * self.n_embd / 3 / 256)
+        return 256 * math.ceil(8 * self.n_embd / 3 / 256) if self.mlp == "swiglu" else 4 * self.n_embd
+
+    @property
+    def value_slots(self) -> tuple[int, ...]:
+        """The value-embedding table each layer mixes into its values, modded-nanogpt's U-net pattern: tables
+        0..n-1 in the first n layers and again in the last n; n (an all-zero slot) in the layers between."""
+        n, L = self.value_embeds, self.n_layer
+        return tuple(i if i < n else i - (L - n) if i >= L - n else n for i in range(L))
+
+    @property
+    def n_lookup_params(self) -> int:
+        """Parameters only looked up, never multiplied (wpe, the value embeddings): 6N FLOPs per token leave them
+        out."""
+        wpe = self.block_size * self.n_embd if self.positions == "learned" else 0
+        return wpe + self.value_embeds * self.vocab_size * (self.n_kv_head or self.n_head) * self.head_dim
 
     @property
     def n_valid_vocab(self) -> int:
@@ -247,14 +269,57 @@ def rope(x, positions, theta: float):
     return (x32 * cos + rotated * sin).astype(x.dtype)
 
 
+def rms_normalize(x):
+    """x / rms(x) over the last axis, no scale (QK-norm: F.rms_norm(x, (x.size(-1),)) as modded-nanogpt), in float32."""
+    x32 = x.astype(jnp.float32)
+    return (x32 * jax.lax.rsqrt(jnp.square(x32).mean(-1, keepdims=True) + jnp.finfo(jnp.float32).eps)).astype(x.dtype)
+
+
+def identity(x):
+    return x
+
+
+@dataclasses.dataclass(frozen=True)
+class SoftCap:
+    """cap * tanh(logits / cap): logits bounded to (-cap, cap), nearly unchanged well inside. A value, so that two
+    models of one config have equal graphdefs (jitted programs are cached by them)."""
+    cap: float
+
+    def __call__(self, logits):
+        return self.cap * jnp.tanh(logits / self.cap)
+
+
 class Embed(nnx.Module):
-    def __init__(self, rows: int, axes, config: GPTConfig, *, rngs: nnx.Rngs):
-        self.embedding = param(jax.nn.initializers.normal(config.init_std), axes, (rows, config.n_embd), config, rngs)
+    def __init__(self, rows: int, axes, config: GPTConfig, *, rngs: nnx.Rngs, width: int | None = None):
+        shape = (rows, width or config.n_embd)
+        self.embedding = param(jax.nn.initializers.normal(config.init_std), axes, shape, config, rngs)
         self.scale = nnx.data(None)  # a Scale (rows,) when int8: row i is embedding[i] * scale[i]
 
     def __call__(self, ids):
         rows = jnp.take(self.embedding[...], ids, axis=0)
         return rows if self.scale is None else rows * jnp.take(self.scale[...], ids, axis=0)[..., None]
+
+
+def proj_std(config: GPTConfig) -> float:
+    """The init std of the residual projections (c_proj): GPT-2's init_std / sqrt(2 * n_layer), or 0."""
+    return 0.0 if config.zero_init_proj else config.init_std / math.sqrt(2 * config.n_layer)
+
+
+class ValueMix(nnx.Module):
+    """v' = lambdas[0] * v + lambdas[1] * ve: a value embedding mixed into the values, modded-nanogpt's, both 0.5 at
+    init. Every layer has one; those without a table of their own get ve = 0, so they scale v by lambdas[0]."""
+
+    def __init__(self, config: GPTConfig, *, rngs: nnx.Rngs):
+        self.lambdas = param(jax.nn.initializers.constant(0.5), (None,), (2,), config, rngs)
+
+    def __call__(self, v, ve):
+        lambdas = self.lambdas[...]
+        return (lambdas[0] * v + lambdas[1] * ve).astype(v.dtype)
+
+
+def keep_values(v, ve):
+    del ve
+    return v
 
 
 class CausalSelfAttention(nnx.Module):
@@ -267,19 +332,25 @@ class CausalSelfAttention(nnx.Module):
         else:
             self.c_attn = Linear(C, (3, H, D), ("embed", None, "heads", None), config, rngs=rngs, lora="attn")
         self.c_proj = Linear((H, D), C, ("heads", None, "embed"), config, rngs=rngs, lora="attn",
-                             std=config.init_std / math.sqrt(2 * config.n_layer))
+                             std=proj_std(config))
+        self.qk_norm = rms_normalize if config.qk_norm else identity
+        self.value_mix = ValueMix(config, rngs=rngs) if config.value_embeds else keep_values
+        # GPT-2's path hands c_attn's output to one fused kernel: nothing acts on q, k or v on the way
+        self.fused = not K and config.positions == "learned" and not config.qk_norm and not config.value_embeds
         self.config, self.ops = config, Ops.of(config)
 
-    def __call__(self, x, positions, cache=None, lora_key=None):
+    def __call__(self, x, positions, cache=None, lora_key=None, ve=None):
+        """ve: this layer's value embedding (B, T, kv heads, D) when the model has value_embeds."""
         cfg = self.config
         keys = _keys(lora_key, 4)
         if cfg.n_kv_head:  # (B, T, H, D), (B, T, K, D) twice
             q, k, v = self.q_proj(x, keys[0]), self.k_proj(x, keys[1]), self.v_proj(x, keys[2])
         else:
             qkv = self.c_attn(x, keys[0])  # (B, T, 3, H, D)
-            if cfg.positions == "learned" and cache is None:  # GPT-2's path: one fused kernel
+            if self.fused and cache is None:
                 return self.c_proj(self.ops.causal_attention(qkv), keys[3]), cache
             q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        q, k, v = self.qk_norm(q), self.qk_norm(k), self.value_mix(v, ve)
         if cfg.positions == "rope":
             q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
         if cache is None:
@@ -299,15 +370,15 @@ class MLP(nnx.Module):
         if config.mlp == "swiglu":
             self.c_gate = Linear(C, F, ("embed", "mlp"), config, rngs=rngs, lora="mlp")
         self.c_fc = Linear(C, F, ("embed", "mlp"), config, rngs=rngs, lora="mlp")
-        self.c_proj = Linear(F, C, ("mlp", "embed"), config, rngs=rngs, lora="mlp",
-                             std=config.init_std / math.sqrt(2 * config.n_layer))
+        self.c_proj = Linear(F, C, ("mlp", "embed"), config, rngs=rngs, lora="mlp", std=proj_std(config))
         self.swiglu, self.ops = config.mlp == "swiglu", Ops.of(config)
+        self.activation = self.ops.relu2 if config.mlp == "relu2" else self.ops.gelu
 
     def __call__(self, x, lora_key=None):
         k_gate, k_fc, k_proj = _keys(lora_key, 3)
         if self.swiglu:
             return self.c_proj(jax.nn.silu(self.c_gate(x, k_gate)) * self.c_fc(x, k_fc), k_proj)  # through (B, T, F)
-        return self.c_proj(self.ops.gelu(self.c_fc(x, k_fc)), k_proj)  # through (B, T, F)
+        return self.c_proj(self.activation(self.c_fc(x, k_fc)), k_proj)  # through (B, T, F)
 
 
 class Block(nnx.Module):
@@ -319,11 +390,11 @@ class Block(nnx.Module):
         self.rate = config.dropout
         self.lora_dropout = config.lora_rank > 0 and config.lora_dropout > 0
 
-    def __call__(self, x, positions, key=None, cache=None):
+    def __call__(self, x, positions, key=None, cache=None, ve=None):
         k1, k2 = jax.random.split(key) if key is not None else (None, None)
         # the adapters' dropout draws from its own fold of the key: the residual dropout stays as without LoRA
         lora_attn, lora_mlp = _keys(jax.random.fold_in(key, 1) if key is not None and self.lora_dropout else None, 2)
-        y, cache = self.attn(self.ln_1(x), positions, cache, lora_attn)
+        y, cache = self.attn(self.ln_1(x), positions, cache, lora_attn, ve)
         x = x + dropout(y, self.rate, k1)
         x = x + dropout(self.mlp(self.ln_2(x), lora_mlp), self.rate, k2)
         return sharding.constrain(x, ("batch", None, None)), cache  # residual stream split by batch only
@@ -345,9 +416,15 @@ class GPT(nnx.Module):
             self.h = nnx.List([Block(config, rngs=rngs) for _ in range(config.n_layer)])
         self.ln_f = Norm(config, rngs=rngs)
         if not config.tie_embeddings:  # stored like wte, (V, C), so both heads are one matmul form
-            self.lm_head = param(jax.nn.initializers.normal(config.init_std), ("vocab", "embed"),
+            std = 0.0 if config.zero_init_proj else config.init_std
+            self.lm_head = param(jax.nn.initializers.normal(std), ("vocab", "embed"),
                                  (config.vocab_size, config.n_embd), config, rngs)
             self.lm_head_scale = nnx.data(None)  # a Scale (V,) when lm_head is int8
+        if config.value_embeds:  # rows of the values' width: kv heads * head_dim
+            width = (config.n_kv_head or config.n_head) * config.head_dim
+            self.value_embeds = nnx.List([Embed(config.vocab_size, ("vocab", "embed"), config, rngs=rngs,
+                                                width=width) for _ in range(config.value_embeds)])
+        self.softcap = SoftCap(config.logit_softcap) if config.logit_softcap else identity
 
     @with_matmul_precision
     def __call__(self, idx, *, rng: jax.Array | None = None, cache=None, positions=None):
@@ -370,7 +447,7 @@ class GPT(nnx.Module):
         if self.config.loss_chunk == 0:
             return cross_entropy(self.logits(x), targets) * scale
         return self.ops.tied_cross_entropy(x, self.head(), targets, self.config.n_valid_vocab,
-                                           self.config.loss_chunk, scale)
+                                           self.config.loss_chunk, self.config.logit_softcap, scale)
 
     @with_matmul_precision
     def hidden(self, idx, *, rng: jax.Array | None = None, cache=None, positions=None):
@@ -386,29 +463,40 @@ class GPT(nnx.Module):
         if cfg.positions == "learned":
             x = x + self.wpe(positions)
         x = sharding.constrain(dropout(x.astype(cfg.dtype), cfg.dropout, keys[0]), ("batch", None, None))  # (B, T, C)
-        x, cache = self.blocks(x, positions, None if rng is None else keys[1:], cache)
+        x, cache = self.blocks(x, positions, None if rng is None else keys[1:], cache, self.values(idx))
         return self.ln_f(x), cache
 
-    def blocks(self, x, positions, keys, cache):
-        cfg, policy = self.config, REMAT_POLICIES[self.config.remat]
+    def values(self, idx):
+        """The value embeddings of idx (B, T): (value_embeds + 1, B, T, kv heads, head_dim), the last slot all
+        zeros, which config.value_slots index per layer; None for a model without them."""
+        cfg = self.config
+        if not cfg.value_embeds:
+            return None
+        rows = [table(idx).astype(cfg.dtype) for table in self.value_embeds]  # (B, T, K * D) each
+        return jnp.stack([*rows, jnp.zeros_like(rows[0])]).reshape(len(rows) + 1, *idx.shape, -1, cfg.head_dim)
 
-        def run(block, x, positions, key, layer_cache):
-            return block(x, positions, key, layer_cache)
+    def blocks(self, x, positions, keys, cache, values):
+        """The blocks over x; values (slots, B, T, K, D) or None, of which layer i reads slot value_slots[i]."""
+        cfg, policy = self.config, REMAT_POLICIES[self.config.remat]
+        slots = None if values is None else jnp.asarray(cfg.value_slots)
+
+        def run(block, x, positions, key, layer_cache, slot):
+            return block(x, positions, key, layer_cache, None if values is None else values[slot])
         if cfg.remat != "none":
             run = nnx.remat(run, policy=policy)
         if not cfg.scan_layers:
             caches = []
             for i, block in enumerate(self.h):
                 x, c = run(block, x, positions, None if keys is None else keys[i],
-                           None if cache is None else cache[i])
+                           None if cache is None else cache[i], None if slots is None else cfg.value_slots[i])
                 caches.append(c)
             return x, None if cache is None else caches
 
-        @nnx.scan(in_axes=(0, nnx.Carry, None, 0, 0), out_axes=(nnx.Carry, 0),
+        @nnx.scan(in_axes=(0, nnx.Carry, None, 0, 0, 0), out_axes=(nnx.Carry, 0),
                   transform_metadata={nnx.PARTITION_NAME: "layers"})
-        def scan(block, x, positions, key, layer_cache):
-            return run(block, x, positions, key, layer_cache)
-        return scan(self.h, x, positions, keys, cache)
+        def scan(block, x, positions, key, layer_cache, slot):
+            return run(block, x, positions, key, layer_cache, slot)
+        return scan(self.h, x, positions, keys, cache, slots)
 
     def head(self):
         """The (V, C) output embedding: wte when tied, else lm_head (dequantized when int8)."""
@@ -426,8 +514,8 @@ class GPT(nnx.Module):
         """The head. Padded vocab rows get -inf logits: softmax gives them probability 0, so they are never
         sampled, and since targets are real tokens they never change a loss (nor receive gradient)."""
         w, scale = self._head()
-        logits = (self.ops.tied_logits(x, w) if scale is None
-                  else self.ops.int8_tied_logits(x, w, scale))  # (B, T, vocab_size) float32
+        logits = self.softcap(self.ops.tied_logits(x, w) if scale is None
+                              else self.ops.int8_tied_logits(x, w, scale))  # (B, T, vocab_size) float32
         if self.config.n_valid_vocab < self.config.vocab_size:
             logits = jnp.where(jnp.arange(self.config.vocab_size) < self.config.n_valid_vocab, logits, -jnp.inf)
         return logits

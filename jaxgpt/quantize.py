@@ -7,9 +7,10 @@
 - int8: weight-only int8. Every Linear kernel (c_attn, q/k/v_proj, attn.c_proj, c_fc, c_gate, mlp.c_proj) is int8
   with a float32 `Scale` per output channel: max |w| over the kernel's input axes / 127, symmetric, rounded to
   nearest. The head/embedding wte (V, C) (and an untied lm_head) is int8 with one scale per vocabulary row, which
-  is both the embedding row's scale and the head's output-channel scale. wpe, the norms and the biases stay
-  float32, and so do the activations: the int8 layers (jaxgpt/ops: int8_dense, int8_tied_logits) carry x at about
-  16 bits, so the error is the weights' alone. A quarter of float32's memory for the big matrices.
+  is both the embedding row's scale and the head's output-channel scale. wpe, the value embeddings, the norms,
+  the biases and the value-mix lambdas stay float32, and so do the activations: the int8 layers (jaxgpt/ops:
+  int8_dense, int8_tied_logits) carry x at about 16 bits, so the error is the weights' alone. A quarter of
+  float32's memory for the big matrices.
 
 The result is a plain GPT module: __call__, hidden, logits, loss and jaxgpt.generate work as for float32. A LoRA
 model's adapters are merged into its kernels first. The scales are `model.Scale` variables, not nnx.Param, and int8

@@ -74,10 +74,12 @@ def param_shardings(params: nnx.State, mesh: Mesh):
 
 
 def optimizer_shardings(tx: optax.GradientTransformation, abstract_opt_state, params_sharding, mesh: Mesh):
-    """Optimizer moments follow their parameters; counters and other scalars are replicated."""
+    """Optimizer moments follow their parameters; counters and other scalars are replicated. Where a partitioned
+    optimizer's group leaves a parameter out (optax.MaskedNode), its state holds nothing to place."""
     replicated = NamedSharding(mesh, PartitionSpec())
-    return optax.tree_map_params(tx, lambda _, s: s, abstract_opt_state, params_sharding,
-                                 transform_non_params=lambda _: replicated)
+    masked = lambda x: isinstance(x, optax.MaskedNode)  # noqa: E731
+    return optax.tree_map_params(tx, lambda x, s: x if masked(x) else s, abstract_opt_state, params_sharding,
+                                 transform_non_params=lambda _: replicated, is_leaf=masked)
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2, batch_axis: int = 0) -> NamedSharding:

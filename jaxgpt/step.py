@@ -94,9 +94,11 @@ def train_steps(state: TrainState, batches, **step_args):
 
 
 def eval_loss(params, batches, *, graphdef):
-    """Mean loss over batches of shape (n, B, T), one batch at a time (lax.map) in a single call."""
-    losses = jax.lax.map(lambda b: loss_fn(params, graphdef, b["inputs"], b["targets"], None), batches)
-    return losses.mean()
+    """Mean loss over batches of shape (n, B, T), one batch at a time (a lax.scan) in a single call. The params
+    ride in the loop's carry: nnx.scan (scan_layers) refuses a module built from an enclosing trace's values."""
+    def one(params, b):
+        return params, loss_fn(params, graphdef, b["inputs"], b["targets"], None)
+    return jax.lax.scan(one, params, batches)[1].mean()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -175,7 +175,7 @@ class Trainer:
         return metrics.StepLog(
             writer, say, self.config, start=start, tokens_per_step=self.tokens_per_step, workdir=self.workdir,
             last_checkpoint=self.last_checkpoint, flops_per_token=metrics.flops_per_token(
-                self.steps.n_params, mc.block_size * mc.n_embd, mc.n_layer, mc.block_size, mc.n_embd))
+                self.steps.n_params, mc.n_lookup_params, mc.n_layer, mc.block_size, mc.n_embd))
 
     def evaluate(self, params, step: int, writer: metrics.MetricWriter, say) -> float:
         """The val loss (and HellaSwag, a sample when configured), written and said; returns the val loss."""

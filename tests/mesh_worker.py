@@ -1,9 +1,9 @@
 """Runs training jobs in one process for tests/test_sharding.py, which starts it with a chosen device count.
 
 python tests/mesh_worker.py JOBS_JSON: JOBS_JSON is a list of {"workdir", "data_dir", "mesh": [data, fsdp, tensor],
-"max_steps", "out", optional "model": {field: value}, "hlo": path}; each job trains the test config (or with "hlo"
-writes its compiled step's HLO there) and saves its final params and per-step losses to "out", and each
-parameter's sharding (its PartitionSpec as a list) to "out".specs.json.
+"max_steps", "out", optional "model": {field: value}, "optim": {field: value}, "hlo": path}; each job trains the test
+config (or with "hlo" writes its compiled step's HLO there) and saves its final params and per-step losses to "out",
+and each parameter's sharding (its PartitionSpec as a list) to "out".specs.json.
 Multi-process: pass --coordinator/--num_processes/--process_id after the JSON and each process runs the same jobs.
 """
 import json
@@ -13,11 +13,12 @@ import jax
 import numpy as np
 
 
-def test_config(data_dir, mesh, max_steps, model=None):
+def test_config(data_dir, mesh, max_steps, model=None, optim=None):
     from configs import tiny
     c = tiny.get_config()
     c.model.n_head, c.model.n_embd = 4, 64  # heads divisible by a tensor axis of 4
     c.model.update(model or {})
+    c.optim.update(optim or {})
     c.data.dir = data_dir
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = mesh
     c.max_steps, c.optim.decay_steps = max_steps, 12
@@ -27,7 +28,7 @@ def test_config(data_dir, mesh, max_steps, model=None):
 
 def run(job):
     from jaxgpt import train
-    config = test_config(job["data_dir"], job["mesh"], job["max_steps"], job.get("model"))
+    config = test_config(job["data_dir"], job["mesh"], job["max_steps"], job.get("model"), job.get("optim"))
     if job.get("hlo"):  # the compiled training step's HLO text, not a run
         write_hlo(config, job["hlo"])
         return

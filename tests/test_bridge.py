@@ -229,6 +229,27 @@ def test_unsupported_hf_variant_is_refused(make_hf_gpt2):
         torch_bridge.from_hf(make_hf_gpt2(activation_function="relu"))
 
 
+@pytest.mark.parametrize("field, value", [("qk_norm", True), ("mlp", "relu2"), ("logit_softcap", 30.0),
+                                          ("value_embeds", 1)])
+def test_a_speedrun_block_is_refused_by_every_format_naming_the_field(tmp_path, field, value):
+    """Neither GPT-2 (HF, nanoGPT) nor Llama has these blocks: exports refuse the model and name the field (and
+    write nothing). Zero-initialised projections are an init, not a block: such a model exports as GPT-2."""
+    model = build(GPTConfig(**SMALL, **{field: value}))
+    named = f"{field}={value!r}"
+    with pytest.raises(ValueError, match=rf"no Hugging Face format .* as Hugging Face GPT-2, {named} \(Hugging"):
+        torch_bridge.to_hf(model)
+    with pytest.raises(ValueError, match=rf"nanoGPT GPT-2 cannot express this model: {named}"):
+        torch_bridge.to_nanogpt(model, str(tmp_path / "ckpt.pt"))
+    assert not os.path.exists(tmp_path / "ckpt.pt")
+    llama = build(GPTConfig(**SMALL, norm="rmsnorm", mlp="swiglu", positions="rope", n_kv_head=2, bias=False,
+                            **({field: value} if field != "mlp" else {})))
+    if field != "mlp":  # a Llama but for this block
+        with pytest.raises(ValueError, match=rf"Hugging Face Llama, {named} \(Hugging Face Llama has"):
+            torch_bridge.to_hf(llama)
+    zero = random_model(zero_init_proj=True)
+    assert zero.config.zero_init_proj and isinstance(torch_bridge.to_hf(zero), transformers.GPT2LMHeadModel)
+
+
 class RunsCode:
     """Unpickling this runs a shell command: what a malicious checkpoint does."""
 

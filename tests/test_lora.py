@@ -107,3 +107,20 @@ def test_adapter_dropout_acts_in_training_only():
     assert float(plain.loss(ids, ids)) == float(dropped.loss(ids, ids))  # evaluation: no dropout
     assert float(plain.loss(ids, ids, rng=key)) == float(plain.loss(ids, ids))  # rate 0: a key changes nothing
     assert float(dropped.loss(ids, ids, rng=key)) != float(dropped.loss(ids, ids))
+
+
+def test_adapters_on_the_speedrun_blocks_merge_into_the_same_model():
+    """LoRA beside QK-norm, value embeddings, ReLU^2 and soft-capped logits: the merged model (what exports and
+    int8 decoding take) computes what the adapted one does."""
+    config = model.GPTConfig(vocab_size=128, valid_vocab_size=100, block_size=16, n_layer=2, n_head=2, n_embd=32,
+                             qk_norm=True, value_embeds=1, mlp="relu2", logit_softcap=5.0, positions="rope",
+                             lora_rank=4, lora_targets=("attn", "mlp"))
+    m = model.build(config, 0)
+    state = nnx.state(m, nnx.LoRAParam)
+    nnx.update(m, jax.tree.map(lambda x: x + 0.1, state))
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, 100, (2, 16)))
+    merged = model.merge_lora(m)
+    assert merged.config.lora_rank == 0 and merged.h[0].attn.value_mix.lambdas.shape == (2,)
+    # float32 rounding of W + (alpha / r) A B apart (GPT-2's blocks with these adapters: 4.5e-5 on logits of 0.4)
+    np.testing.assert_allclose(np.asarray(merged(ids)[0]), np.asarray(m(ids)[0]), atol=2e-4, rtol=0)
+    assert not np.allclose(np.asarray(merged(ids)[0]), np.asarray(model.merge_lora(model.build(config, 0))(ids)[0]))

@@ -190,3 +190,119 @@ def test_remat_gives_the_same_gradients(remat):
              for policy in ("none", remat)}
     for name, g in grads["none"].items():
         np.testing.assert_allclose(g.numpy(), grads[remat][name].numpy(), rtol=0, atol=1e-6)
+
+
+# ---------------------------------------------------------------- the speedrun's blocks against NumPy
+
+SPEEDRUN = dict(qk_norm=True, mlp="relu2", logit_softcap=3.0, value_embeds=1, positions="rope", tie_embeddings=False,
+                zero_init_proj=True)
+
+
+def numpy_speedrun_logits(p: dict, c: GPTConfig, idx: np.ndarray) -> np.ndarray:
+    """modded-nanogpt's blocks transcribed in float64 on a per-layer jaxgpt parameter tree: per layer, q and k
+    RMS-normalised over the head dim (F.rms_norm, eps float32's), v = lambdas[0] v + lambdas[1] ve with this
+    layer's table (or none: 0), rotary positions (rotate-half), causal softmax attention, relu(x)^2 in the MLP;
+    LayerNorm (GPT-2's), the untied head, 30 * tanh(logits / 30) with c's cap; padded vocabulary -inf."""
+    def norm(x, w):
+        x = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + c.layer_norm_epsilon)
+        return x * w["scale"] + w["bias"]
+
+    def rms(x):
+        return x / np.sqrt(np.square(x).mean(-1, keepdims=True) + np.finfo(np.float32).eps)
+
+    def rope(x):  # (B, T, H, D)
+        D, T = x.shape[-1], x.shape[1]
+        angles = np.arange(T)[:, None] * (1.0 / c.rope_theta ** (np.arange(0, D, 2) / D))  # (T, D/2)
+        cos, sin = np.cos(angles)[None, :, None], np.sin(angles)[None, :, None]
+        x1, x2 = x[..., :D // 2], x[..., D // 2:]
+        return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1)
+
+    B, T = idx.shape
+    H, D = c.n_head, c.head_dim
+    x = p["wte"]["embedding"][idx]
+    for i in range(c.n_layer):
+        layer, slot = p["h"][i], c.value_slots[i]
+        h = norm(x, layer["ln_1"])
+        qkv = np.einsum("btc,cshd->btshd", h, layer["attn"]["c_attn"]["kernel"]) + layer["attn"]["c_attn"]["bias"]
+        q, k, v = rms(qkv[:, :, 0]), rms(qkv[:, :, 1]), qkv[:, :, 2]
+        ve = p["value_embeds"][slot]["embedding"][idx].reshape(B, T, H, D) if slot < c.value_embeds else 0.0
+        lambdas = layer["attn"]["value_mix"]["lambdas"]
+        v = lambdas[0] * v + lambdas[1] * ve
+        q, k = rope(q), rope(k)
+        scores = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(D) + np.where(np.tril(np.ones((T, T))), 0, -np.inf)
+        probs = np.exp(scores - scores.max(-1, keepdims=True))
+        y = np.einsum("bhqk,bkhd->bqhd", probs / probs.sum(-1, keepdims=True), v)
+        x = x + np.einsum("bthd,hdc->btc", y, layer["attn"]["c_proj"]["kernel"]) + layer["attn"]["c_proj"]["bias"]
+        h = norm(x, layer["ln_2"]) @ layer["mlp"]["c_fc"]["kernel"] + layer["mlp"]["c_fc"]["bias"]
+        x = x + np.square(np.maximum(h, 0)) @ layer["mlp"]["c_proj"]["kernel"] + layer["mlp"]["c_proj"]["bias"]
+    logits = norm(x, p["ln_f"]) @ p["lm_head"].T
+    logits = c.logit_softcap * np.tanh(logits / c.logit_softcap)
+    return np.where(np.arange(c.vocab_size) < c.n_valid_vocab, logits, -np.inf)
+
+
+def randomized(config: GPTConfig, seed: int = 1) -> GPT:
+    """A model of config with every parameter N(0, 0.3) (zero-initialised projections and head, unit lambdas and
+    norm scales would hide mistakes)."""
+    model = build(config)
+    state = nnx.state(model, nnx.Param)
+    leaves, treedef = jax.tree.flatten(state)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    nnx.update(model, jax.tree.unflatten(treedef, [0.3 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)]))
+    return model
+
+
+@pytest.mark.parametrize("layers, value_embeds", [(4, 1), (4, 2)])
+def test_speedrun_blocks_match_a_numpy_transcription(layers, value_embeds):
+    """QK-norm, value embeddings (a table in the first and last layers, a zero slot between when there is one),
+    ReLU^2, rotary positions, soft-capped logits of an untied head: jaxgpt against NumPy in float64, and the
+    scan_layers model (the same weights stacked) against both."""
+    config = GPTConfig(vocab_size=128, valid_vocab_size=100, n_layer=layers, n_head=4, n_embd=64, block_size=32,
+                       **{**SPEEDRUN, "value_embeds": value_embeds})
+    assert config.value_slots == ((0, 1, 1, 0) if value_embeds == 1 else (0, 1, 0, 1))
+    model = randomized(config)
+    idx = tokens(100, 2, 32)
+    params = jax.tree.map(lambda x: np.asarray(x, np.float64), nnx.state(model, nnx.Param).to_pure_dict())
+    expected, got = numpy_speedrun_logits(params, config, idx), ours(model, idx)
+    diff = np.abs(got[..., :100] - expected[..., :100]).max()
+    print(f"\n[speedrun blocks, {layers} layers, value_embeds={value_embeds}] max |jaxgpt - NumPy| {diff:.3g}, "
+          f"logits within +-{np.abs(expected[..., :100]).max():.3g} of the cap {config.logit_softcap}")
+    assert diff <= 1e-4 and np.all(np.isneginf(got[..., 100:]))
+    assert np.abs(expected[..., :100]).max() > 0.8 * config.logit_softcap  # the cap bends the largest logits
+    scanned = build(dataclasses.replace(config, scan_layers=True))
+    stacked = nnx.state(scanned, nnx.Param)
+    per_layer = nnx.state(model, nnx.Param).to_pure_dict()
+    per_layer["h"] = jax.tree.map(lambda *xs: jnp.stack(xs), *(per_layer["h"][i] for i in range(layers)))
+    stacked.replace_by_pure_dict(per_layer)
+    nnx.update(scanned, stacked)
+    np.testing.assert_allclose(ours(scanned, idx)[..., :100], got[..., :100], atol=1e-5, rtol=0)
+
+
+def test_speedrun_init_and_config_errors():
+    """zero_init_proj starts both c_proj kernels and the untied head at 0 (the logits at 0: a uniform first
+    prediction) and leaves every other parameter as GPT-2's init draws it; bad values are one clear error."""
+    config = GPTConfig(vocab_size=128, n_layer=2, n_head=4, n_embd=64, block_size=32, tie_embeddings=False)
+    zero = nnx.state(build(dataclasses.replace(config, zero_init_proj=True)), nnx.Param).to_pure_dict()
+    plain = nnx.state(build(config), nnx.Param).to_pure_dict()
+    from flax.traverse_util import flatten_dict
+    zero, plain = flatten_dict(zero), flatten_dict(plain)
+    zeroed = {k for k, v in zero.items() if not np.array_equal(v, plain[k])}
+    assert zeroed == {(*k, "kernel") for k in [("h", i, m, "c_proj") for i in range(2) for m in ("attn", "mlp")]} | {
+        ("lm_head",)}
+    assert all(not np.asarray(zero[k]).any() for k in zeroed)
+    with pytest.raises(ValueError, match=r"value_embeds=2 between 0 and n_layer / 2 = 1"):
+        GPTConfig(n_layer=3, value_embeds=2)
+    with pytest.raises(ValueError, match=r"logit_softcap=-1.0 must be >= 0"):
+        GPTConfig(logit_softcap=-1.0)
+    with pytest.raises(ValueError, match=r"mlp='relu3': expected one of \['gelu', 'swiglu', 'relu2'\]"):
+        GPTConfig(mlp="relu3")
+
+
+def test_speedrun_blocks_keep_the_model_causal():
+    """Value embeddings are looked up per token, QK-norm and ReLU^2 act per position: still causal."""
+    model = randomized(GPTConfig(vocab_size=128, n_layer=2, n_head=4, n_embd=64, block_size=32, **SPEEDRUN))
+    idx = tokens(100, 2, 32)
+    changed = idx.copy()
+    changed[:, 20:] = tokens(100, 2, 12, seed=1)
+    a, b = ours(model, idx), ours(model, changed)
+    np.testing.assert_array_equal(a[:, :20], b[:, :20])
+    assert np.abs(a[:, 20:] - b[:, 20:]).max() > 1e-3

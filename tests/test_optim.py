@@ -7,6 +7,7 @@ import compare
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 from ml_collections import ConfigDict
@@ -219,3 +220,151 @@ def test_accumulating_a_split_batch_equals_one_step_on_the_whole_batch():
     np.testing.assert_allclose(split["grad_norm"], whole["grad_norm"], rtol=1e-5)
     np.testing.assert_allclose(split["loss"], whole["loss"], rtol=1e-6)
     compare.assert_weights_close(compare.flat(split_params), compare.flat(whole_params), atol=1e-7)
+
+
+# ---------------------------------------------------------------- Muon and the trapezoid schedule
+
+NS = (3.4445, -4.7750, 2.0315)
+
+
+def modded_get_lr(it, warmup_iters, num_iterations, cooldown_frac, min_ratio):
+    """modded-nanogpt's lr multiplier (2025 records: constant, then a line down to min_ratio over the last
+    cooldown_frac), with its earlier records' linear warmup (it + 1) / warmup_iters in front."""
+    if it < warmup_iters:
+        return (it + 1) / warmup_iters
+    x = it / num_iterations
+    if x < 1 - cooldown_frac:
+        return 1.0
+    w = (1 - x) / cooldown_frac
+    return w * 1.0 + (1 - w) * min_ratio
+
+
+def test_trapezoid_schedule_matches_modded_nanogpts_get_lr():
+    o = optim_config(lr=2e-3, min_lr_ratio=0.1, warmup_steps=10, decay_steps=0, warmup="build_nanogpt",
+                     schedule="trapezoid", cooldown_frac=0.4)
+    schedule = jax.jit(optim.learning_rate_schedule(o, max_steps=500))
+    steps = [0, 5, 9, 10, 11, 150, 299, 300, 301, 400, 499, 500, 600]
+    ours = [float(schedule(jnp.int32(s))) for s in steps]
+    expected = [2e-3 * modded_get_lr(min(s, 500), 10, 500, 0.4, 0.1) for s in steps]
+    np.testing.assert_allclose(ours, expected, rtol=1e-6, atol=0)
+    assert ours[steps.index(150)] == ours[steps.index(299)] == pytest.approx(2e-3)  # the constant phase
+    peak = optim.learning_rate_schedule(o, max_steps=500, peak=0.05)  # a group's own peak, the same shape
+    np.testing.assert_allclose([float(peak(s)) / 0.05 for s in steps], [x / 2e-3 for x in ours], rtol=1e-6)
+
+
+def test_bad_optimizer_settings_are_user_errors():
+    with pytest.raises(UserValueError, match=r"optim.name='sgd': expected one of \['adamw', 'muon'\]"):
+        optim.make_optimizer(optim_config(name="sgd"), max_steps=100)
+    with pytest.raises(UserValueError, match=r"optim.schedule='linear'.*\['cosine', 'trapezoid'\]"):
+        optim.learning_rate_schedule(optim_config(schedule="linear", warmup_steps=10), max_steps=100)
+    with pytest.raises(UserValueError, match=r"optim.cooldown_frac=0.0 must be in \(0, 1\]"):
+        optim.learning_rate_schedule(optim_config(schedule="trapezoid", cooldown_frac=0.0, warmup_steps=10),
+                                     max_steps=100)
+
+
+def numpy_newton_schulz(G):
+    """modded-nanogpt's zeropower_via_newtonschulz5 (train_gpt.py, 2024-12 records) in float64: a torch weight
+    G (out, in)."""
+    a, b, c = NS
+    X = G / (np.linalg.norm(G) + 1e-7)
+    if G.shape[0] > G.shape[1]:
+        X = X.T
+    for _ in range(5):
+        A = X @ X.T
+        B = b * A + c * A @ A
+        X = a * X + B @ X
+    return X.T if G.shape[0] > G.shape[1] else X
+
+
+class NumpyMuon:
+    """modded-nanogpt's Muon.step for torch weights (out, in): buf.lerp_(g, 1 - momentum);
+    g = g.lerp_(buf, momentum) (nesterov); p -= lr * max(1, out / in) ** 0.5 * zeropower(g); with decoupled decay
+    p *= 1 - lr * wd first (the later records')."""
+
+    def __init__(self, lr, momentum, wd):
+        self.lr, self.momentum, self.wd, self.buf = lr, momentum, wd, {}
+
+    def step(self, name, p, g):
+        buf = self.buf.setdefault(name, np.zeros_like(g))
+        buf += (1 - self.momentum) * (g - buf)
+        g = g + self.momentum * (buf - g)
+        p = p * (1 - self.lr * self.wd)
+        return p - self.lr * max(1, p.shape[0] / p.shape[1]) ** 0.5 * numpy_newton_schulz(g)
+
+
+def torch_weights(path: str, kernel: np.ndarray, stacked: bool) -> list[np.ndarray]:
+    """A jaxgpt kernel as the records' torch weights (out, in): c_attn's q, k and v apart (c_q, c_k, c_v),
+    attn.c_proj's heads merged, a scan_layers kernel (stacked) one set per layer."""
+    if stacked:
+        return [w for layer in kernel for w in torch_weights(path, layer, False)]
+    if path.endswith("c_attn.kernel"):  # (C, 3, H, D)
+        return [kernel[:, j].reshape(kernel.shape[0], -1).T for j in range(3)]
+    return [kernel.reshape(-1, kernel.shape[-1]).T]  # (H, D, C) or (in, out)
+
+
+def jaxgpt_kernel(path: str, weights: list[np.ndarray], shape, stacked: bool) -> np.ndarray:
+    """torch_weights' inverse."""
+    if stacked:
+        n = len(weights) // shape[0]
+        return np.stack([jaxgpt_kernel(path, weights[i * n:(i + 1) * n], shape[1:], False) for i in range(shape[0])])
+    if path.endswith("c_attn.kernel"):
+        return np.stack([w.T.reshape(shape[0], *shape[2:]) for w in weights], axis=1)
+    return weights[0].T.reshape(shape)
+
+
+MUON = dict(name="muon", lr=3e-3, muon_lr=0.05, embed_lr=0.02, head_lr=7e-3, muon_momentum=0.9, grad_clip=0.7,
+            muon_weight_decay=0.1, weight_decay=0.1, warmup_steps=0, schedule="trapezoid", cooldown_frac=0.5)
+GROUP_LRS = {"embedding": 0.02, "lm_head": 7e-3}  # by name; norms, biases, value-mix lambdas: lr
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_muon_steps_match_a_numpy_transcription_of_modded_nanogpt(scan_layers):
+    """Three steps of optim.name=muon on a model with every kernel layout (c_attn's (C, 3, H, D), attn.c_proj's
+    (H, D, C), the MLP's; stacked by scan_layers or not): its kernels against NumPy's Muon in float64 (momentum,
+    Nesterov, the Newton-Schulz coefficients, shape scaling, decay, the schedule), the other parameters against
+    optax.adamw at their group's lr; gradient clipping before both."""
+    from flax.traverse_util import flatten_dict, unflatten_dict
+
+    from jaxgpt.model import GPTConfig, build
+    config = GPTConfig(vocab_size=64, valid_vocab_size=None, block_size=8, n_layer=2, n_head=2, n_embd=16,
+                       tie_embeddings=False, value_embeds=1, scan_layers=scan_layers)
+    params = nnx.state(build(config), nnx.Param)
+    o, steps = optim_config(**MUON), 4  # the trapezoid: the peak at steps 0 and 1, then 2/4 and 1/4 of the way down
+    tx = optim.make_optimizer(o, max_steps=steps)
+    state = tx.init(params)
+    start = {k: np.asarray(v, np.float64) for k, v in flatten_dict(params.to_pure_dict()).items()}
+    expected, reference, adam = dict(start), NumpyMuon(0.05, 0.9, 0.1), {}
+    for k in start:
+        if k[-1] != "kernel":
+            lr = GROUP_LRS.get(k[-1], o.lr)
+            tx_k = optax.adamw(optim.learning_rate_schedule(o, steps, lr), b1=o.b1, b2=o.b2, eps=o.eps,
+                               weight_decay=o.weight_decay if k[-1] in GROUP_LRS else 0.0)
+            adam[k] = tx_k, tx_k.init(jnp.asarray(start[k], jnp.float32))
+    rng = np.random.default_rng(0)
+    for s in range(3):
+        grads = {k: rng.normal(size=v.shape) * (1.0 if k[-1] == "kernel" else 0.1) for k, v in start.items()}
+        norm = np.sqrt(sum(np.sum(g ** 2) for g in grads.values()))
+        assert norm > o.grad_clip  # clipping acts
+        clipped = {k: g * o.grad_clip / norm for k, g in grads.items()}
+        reference.lr = float(optim.learning_rate_schedule(o, steps, 0.05)(s))
+        for k, v in expected.items():
+            if k[-1] == "kernel":
+                stacked, name = scan_layers and k[0] == "h", ".".join(map(str, k))
+                weights = [reference.step(f"{name}/{i}", w, g) for i, (w, g) in enumerate(zip(
+                    torch_weights(name, v, stacked), torch_weights(name, clipped[k], stacked)))]
+                expected[k] = jaxgpt_kernel(name, weights, v.shape, stacked)
+            else:
+                tx_k, st = adam[k]
+                u, st = tx_k.update(jnp.asarray(clipped[k], jnp.float32), st, jnp.asarray(v, jnp.float32))
+                adam[k], expected[k] = (tx_k, st), v + np.asarray(u, np.float64)
+        g_state = nnx.state(build(config), nnx.Param)
+        g_state.replace_by_pure_dict(unflatten_dict({k: jnp.asarray(g, jnp.float32) for k, g in grads.items()}))
+        updates, state = jax.jit(tx.update)(g_state, state, params)
+        params = optax.apply_updates(params, updates)
+    ours = {k: np.asarray(v) for k, v in flatten_dict(params.to_pure_dict()).items()}
+    diffs = {k: float(np.abs(ours[k] - expected[k]).max()) for k in ours}
+    moved = {k: float(np.abs(ours[k] - start[k]).max()) for k in ours}
+    print(f"\n[muon, scan_layers={scan_layers}] max |jaxgpt - NumPy| {max(diffs.values()):.2g} over "
+          f"{len(diffs)} parameters; the smallest move {min(moved.values()):.2g}")
+    assert max(diffs.values()) <= 1e-5, sorted(diffs.items(), key=lambda kv: -kv[1])[:4]
+    assert min(moved.values()) > 1e-3  # every parameter really stepped

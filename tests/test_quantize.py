@@ -16,7 +16,10 @@ from jaxgpt.ops import Ops
 TINY = GPTConfig(vocab_size=128, valid_vocab_size=120, block_size=64, n_layer=2, n_head=4, n_embd=64)
 LLAMA = dataclasses.replace(TINY, n_kv_head=2, mlp="swiglu", norm="rmsnorm", positions="rope",
                             tie_embeddings=False, bias=False)
-VARIANTS = {"gpt2": TINY, "scan_layers": dataclasses.replace(TINY, scan_layers=True), "llama": LLAMA}
+SPEEDRUN = dataclasses.replace(TINY, qk_norm=True, mlp="relu2", logit_softcap=3.0, value_embeds=1, positions="rope",
+                               tie_embeddings=False)
+VARIANTS = {"gpt2": TINY, "scan_layers": dataclasses.replace(TINY, scan_layers=True), "llama": LLAMA,
+            "speedrun": SPEEDRUN}
 
 
 @nnx.jit

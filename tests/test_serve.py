@@ -108,6 +108,24 @@ def test_engine_greedy_equals_generate_whatever_the_batch(model):
     assert tokens[(5, 0)] != tokens[(5, 1)] if requests[5][2] == 2 else True  # choices draw apart
 
 
+def test_engine_runs_the_speedrun_blocks_as_generate_does():
+    """QK-norm, value embeddings (looked up per new token), ReLU^2, rotary positions and soft-capped logits of an
+    untied head, through the engine's prefill and slot caches: greedy choices, batched, are jaxgpt.generate's."""
+    speedrun = build(GPTConfig(**{**CONFIG.__dict__, "n_layer": 2, "qk_norm": True, "value_embeds": 1, "mlp": "relu2",
+                                  "positions": "rope", "logit_softcap": 5.0, "tie_embeddings": False}), seed=3)
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(0, len(CHARS), int(n)).tolist() for n in (3, 17, 9, 30)]
+    eng = engine.Engine(speedrun, max_batch=4).start()
+    try:
+        tokens, _ = run_engine(eng, [(p, engine.Sampling(max_tokens=12, temperature=0.0), 1, 0.002 * i)
+                                     for i, p in enumerate(prompts)])
+    finally:
+        eng.stop()
+    reference = generate.generate(speedrun, prompts, max_new_tokens=12, temperature=0)
+    assert [tokens[(i, 0)] for i in range(len(prompts))] == reference
+    assert len({tuple(r) for r in reference}) > 1  # not one degenerate stream
+
+
 def test_engine_stops_at_end_of_text_and_cancels(model):
     eot = greedy(model, "ROMEO:", 1)[0]  # the first greedy token, declared end-of-text: the choice is empty
     eng = engine.Engine(model, max_batch=4, eot_id=eot).start()

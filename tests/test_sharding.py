@@ -95,6 +95,8 @@ def test_every_mesh_and_resharded_restores_match_one_device(data_dir, tmp_path):
 
 
 LLAMA = dict(norm="rmsnorm", mlp="swiglu", positions="rope", n_kv_head=2, tie_embeddings=False, bias=False)
+SPEEDRUN = dict(model=dict(qk_norm=True, mlp="relu2", logit_softcap=30.0, zero_init_proj=True, tie_embeddings=False,
+                           value_embeds=1, positions="rope"), optim=dict(name="muon", schedule="trapezoid"))
 
 
 def all_gather_shapes(hlo_file) -> list[list[int]]:
@@ -105,13 +107,18 @@ def all_gather_shapes(hlo_file) -> list[list[int]]:
 
 @pytest.mark.slow
 def test_modern_blocks_and_bf16_on_a_mesh_match_one_device(data_dir, tmp_path):
+    """Also the speedrun's blocks and Muon (its Newton-Schulz over FSDP- and tensor-split matrices) on a mixed
+    mesh."""
     worker([job(tmp_path, "llama_tensor4", data_dir, [2, 1, 4], model=LLAMA),
             job(tmp_path, "bf16_mixed", data_dir, [2, 2, 2], model={"dtype": "bfloat16"}),
+            job(tmp_path, "speedrun_mixed", data_dir, [2, 2, 2], **SPEEDRUN),
             job(tmp_path, "gpt2_hlo", data_dir, [2, 1, 4], hlo=str(tmp_path / "gpt2.hlo")),
             job(tmp_path, "llama_hlo", data_dir, [2, 1, 4], model=LLAMA, hlo=str(tmp_path / "llama.hlo"))], devices=8)
     worker([job(tmp_path, "llama_one", data_dir, [1, 1, 1], model=LLAMA),
-            job(tmp_path, "bf16_one", data_dir, [1, 1, 1], model={"dtype": "bfloat16"})], devices=1)
+            job(tmp_path, "bf16_one", data_dir, [1, 1, 1], model={"dtype": "bfloat16"}),
+            job(tmp_path, "speedrun_one", data_dir, [1, 1, 1], **SPEEDRUN)], devices=1)
     assert_same_run(tmp_path / "llama_one.npz", tmp_path / "llama_tensor4.npz")
+    assert_same_run(tmp_path / "speedrun_one.npz", tmp_path / "speedrun_mixed.npz")
     assert_shardings(tmp_path / "llama_tensor4.npz.specs.json", [2, 1, 4], count=3 + 9 * 2)
     a, b = np.load(tmp_path / "bf16_one.npz"), np.load(tmp_path / "bf16_mixed.npz")
     print(f"\nbf16, mesh [2, 2, 2] vs one device: max |loss diff| {np.abs(a['losses'] - b['losses']).max():.3g}, "

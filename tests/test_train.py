@@ -72,9 +72,17 @@ def logged_steps(output: str) -> list[int]:
     return [int(m) for m in re.findall(r"^step (\d+): loss", output, re.M)]
 
 
-def test_resume_is_bit_exact(char_data, tmp_path, capsys):
+SPEEDRUN = {"optim.name": "muon", "optim.schedule": "trapezoid", "model.qk_norm": True, "model.mlp": "relu2",
+            "model.logit_softcap": 30.0, "model.zero_init_proj": True, "model.tie_embeddings": False,
+            "model.value_embeds": 1, "model.positions": "rope", "model.scan_layers": True}
+
+
+@pytest.mark.parametrize("recipe", ["gpt2", "speedrun"])
+def test_resume_is_bit_exact(char_data, tmp_path, capsys, recipe):
+    """speedrun: Muon's momentum and the AdamW groups' moments, the blocks' parameters, scan_layers (evaluated)."""
     common = {"data.dir": char_data, "optim.decay_steps": 12, "checkpoint_every": 3, "eval_every": 6,
-              "model.dropout": 0.1, "grad_accum_steps": 2, "sample_tokens": 0, "log_every": 1}
+              "model.dropout": 0.1, "grad_accum_steps": 2, "sample_tokens": 0, "log_every": 1,
+              **(SPEEDRUN if recipe == "speedrun" else {})}
     straight = train.train(make_config(**common, max_steps=12), str(tmp_path / "straight"))
     train.train(make_config(**common, max_steps=6), str(tmp_path / "halves"))
     capsys.readouterr()
@@ -214,6 +222,21 @@ def test_124m_config_runs_one_step_on_cpu(gpt2_data, tmp_path):
     row = next(r for r in read_metrics(tmp_path) if "loss" in r)
     assert 10.0 < row["loss"] < 11.5  # ln(50257) = 10.82 at init
     assert json.loads((tmp_path / "checkpoints" / "1" / "config" / "metadata").read_text())["model"]["n_layer"] == 12
+
+
+def test_124m_speedrun_config_takes_two_steps_on_cpu(gpt2_data, tmp_path):
+    """configs/124m_speedrun.py shrunk by overrides (the blocks and optimizer as they are) builds and trains."""
+    config = make_config("124m_speedrun", **{
+        "data.dir": gpt2_data, "model.preset": "", "model.n_layer": 2, "model.n_head": 2, "model.n_embd": 32,
+        "model.block_size": 32, "model.dtype": "float32", "model.value_embeds": 1, "device_batch_size": 2,
+        "tokens_per_step": 128, "max_steps": 2, "eval_every": 2, "eval_iters": 1, "log_every": 1,
+        "sample_tokens": 4})
+    state = train.train(config, str(tmp_path))
+    assert int(state.step) == 2 and state.params["lm_head"].value.any()  # the zero-initialised head moved
+    losses = [r["loss"] for r in read_metrics(tmp_path) if "loss" in r]
+    assert len(losses) == 2 and abs(losses[0] - np.log(50257)) < 0.01  # a zero head: uniform over the vocabulary
+    saved = json.loads((tmp_path / "checkpoints" / "2" / "config" / "metadata").read_text())
+    assert saved["train"]["optim"]["name"] == "muon" and saved["model"]["value_embeds"] == 1
 
 
 def test_finetune_starts_from_hugging_face_weights(gpt2_data, tmp_path, make_hf_gpt2):

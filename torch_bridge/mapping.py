@@ -76,7 +76,8 @@ VOCAB_PARAMS = (EMBEDDING, "lm_head")  # their rows are the vocabulary: padded o
 HEAD = "lm_head.weight"  # every format's head key, outside the module prefix; a tied one must equal the embedding
 COMPILED_PREFIX = "_orig_mod."  # torch.compile'd nanoGPT models save every key under it
 GPT2_VOCAB, VOCAB_MULTIPLE = 50257, 64  # HF pads to a multiple of VOCAB_MULTIPLE on import
-GPT2_ARCH = dict(norm="layernorm", mlp="gelu", positions="learned", n_kv_head=0, tie_embeddings=True)
+SPEEDRUN_OFF = dict(qk_norm=False, logit_softcap=0.0, value_embeds=0)  # blocks neither GPT-2 nor Llama has
+GPT2_ARCH = dict(norm="layernorm", mlp="gelu", positions="learned", n_kv_head=0, tie_embeddings=True, **SPEEDRUN_OFF)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)  # compared and hashed by identity: one object per format
@@ -124,7 +125,7 @@ NANOGPT = Format("nanoGPT GPT-2", GPT2_TABLE, "transformer.", transpose_linear=T
                  preset_heads=True)
 LLAMA = Format("Hugging Face Llama", LLAMA_TABLE, "model.", transpose_linear=True, keeps_padded_vocab=False,
                buffers=("model.layers.{i}.self_attn.rotary_emb.inv_freq", "model.rotary_emb.inv_freq"),
-               fixed=dict(norm="rmsnorm", mlp="swiglu", positions="rope"), positive=("n_kv_head",),
+               fixed=dict(norm="rmsnorm", mlp="swiglu", positions="rope", **SPEEDRUN_OFF), positive=("n_kv_head",),
                hints=dict(n_kv_head="set model.n_kv_head=n_head for plain multi-head attention"),
                config_fields=dict(n_embd="hidden_size", mlp_hidden="intermediate_size", n_layer="num_hidden_layers",
                                   n_head="num_attention_heads", n_kv_head="num_key_value_heads",

@@ -1,4 +1,5 @@
-"""The model's compute behind one API, `Ops`: dense layers, GELU, causal attention, the tied head and its loss.
+"""The model's compute behind one API, `Ops`: dense layers, GELU and ReLU^2, causal attention, the tied head and its
+loss.
 
 Three kernel sets compute the same math: `reference` (plain jnp, the definition), `fast` (xla_cpu.py: the forms
 XLA's CPU backend runs fastest) and `gpu` (gpu.py: a candidate for NVIDIA GPUs, outputs in the compute dtype).
@@ -59,15 +60,20 @@ class Ops:
         """GELU in its tanh (GPT-2) or exact (erf) form, in x's dtype."""
         return KERNELS[self.kernels].gelu(x, approximate=self.activation == "gelu_tanh")
 
+    def relu2(self, x):
+        """relu(x)^2 (modded-nanogpt's MLP activation), in x's dtype."""
+        return KERNELS[self.kernels].relu2(x)
+
     def tied_logits(self, x, embedding):
         """x (B, T, C) @ embedding (V, C)^T -> float32 logits (B, T, V)."""
         return KERNELS[self.kernels].tied_logits(x, embedding)
 
     @jax.named_scope("loss")  # op names in profiles carry the scope (bench/trace_table.py groups by it)
-    def tied_cross_entropy(self, x, embedding, targets, n_valid: int, chunk_tokens: int, scale=1.0):
+    def tied_cross_entropy(self, x, embedding, targets, n_valid: int, chunk_tokens: int, softcap: float = 0.0,
+                           scale=1.0):
         """The mean cross-entropy of the tied head's logits x (B, T, C) @ embedding (V, C)^T against targets
         (B, T), float32, times `scale` (a loss scale); targets < 0 are ignored and vocab rows >= n_valid excluded
-        (-inf logits).
+        (-inf logits); softcap > 0 caps the logits first, softcap * tanh(logits / softcap).
 
         The logits of about chunk_tokens tokens per device exist at a time: each example's positions go in chunks
         of c, every example at once, so a batch split over S devices stays split and the chunk loop runs on every
@@ -85,7 +91,7 @@ class Ops:
         ts = targets.reshape(B // b, b, n, c).transpose(2, 0, 1, 3)  # (n, S, b, c)
         xs = sharding.constrain(xs, (None, "batch", None, None, None))
         ts = sharding.constrain(ts, (None, "batch", None, None))
-        return KERNELS[self.kernels].chunked_cross_entropy(xs, embedding, ts, n_valid, scale)
+        return KERNELS[self.kernels].chunked_cross_entropy(xs, embedding, ts, n_valid, softcap, scale)
 
     @jax.named_scope("attention")
     def causal_attention(self, qkv):

@@ -19,7 +19,9 @@ import jax.numpy as jnp
 
 from jaxgpt import sharding
 from jaxgpt.ops.reference import int8_dense, int8_tied_logits, tied_logits  # noqa: F401 (the set's API)
-from jaxgpt.ops.xla_cpu import causal_attention, fused_cross_entropy, gelu, over_chunks  # noqa: F401 (API)
+
+# the set's API, as the fast set has them
+from jaxgpt.ops.xla_cpu import causal_attention, fused_cross_entropy, gelu, over_chunks, relu2  # noqa: F401
 
 
 def dense(x, kernel, bias, dtype, n_in=1):
@@ -31,14 +33,14 @@ def dense(x, kernel, bias, dtype, n_in=1):
     return (y.astype(jnp.float32) + bias).astype(dtype)
 
 
-def chunked_cross_entropy(x, embedding, targets, n_valid, scale=1.0):
+def chunked_cross_entropy(x, embedding, targets, n_valid, softcap=0.0, scale=1.0):
     """x (n, S, b, c, C), targets (n, S, b, c): as the fast set's, one custom VJP over a loop of chunks whose
     forward pass also takes each chunk's gradients (the head's three matmuls per token, logits never stored), the
-    mean loss times `scale` (a loss scale, applied before the gradients are rounded)."""
-    return _chunked_cross_entropy(x, embedding, targets, jnp.asarray(scale, jnp.float32), n_valid)
+    mean loss times `scale` (a loss scale, applied before the gradients are rounded); softcap > 0 caps the logits."""
+    return _chunked_cross_entropy(x, embedding, targets, jnp.asarray(scale, jnp.float32), n_valid, softcap)
 
 
-def _chunks(x, embedding, targets, n_valid, scale, with_grads: bool):
+def _chunks(x, embedding, targets, n_valid, softcap, scale, with_grads: bool):
     """-> (mean NLL times scale, and with_grads: dx (n, S, b, c, C) in x's dtype, dw (V, C) float32). Logits in x's
     dtype, their log-sum-exp and the NLL in float32; the sums over tokens stay one per batch shard (S) until the
     end."""
@@ -50,6 +52,9 @@ def _chunks(x, embedding, targets, n_valid, scale, with_grads: bool):
     def chunk(xc, tc):  # (S, b, c, C), (S, b, c) -> NLL (S,), dx (S, b, c, C), dw (S, V, C) float32
         logits = jnp.einsum("sbtc,vc->sbtv", xc, w, preferred_element_type=x.dtype)
         logits = sharding.constrain(logits, ("batch", None, None, "vocab"))
+        if softcap:  # in float32, as the other sets
+            tanh = jnp.tanh(logits.astype(jnp.float32) / softcap)
+            logits = softcap * tanh
         if n_valid < V:
             logits = jnp.where(jnp.arange(V) < n_valid, logits, -jnp.inf)
         valid = tc >= 0
@@ -60,7 +65,10 @@ def _chunks(x, embedding, targets, n_valid, scale, with_grads: bool):
         if not with_grads:
             return nll, None, None
         probs = jnp.exp(logits.astype(jnp.float32) - lse[..., None])
-        dlogits = ((probs - (jnp.arange(V) == t[..., None])) * (valid * scale / count)[..., None]).astype(x.dtype)
+        dlogits = (probs - (jnp.arange(V) == t[..., None])) * (valid * scale / count)[..., None]
+        if softcap:  # through the cap: 1 - tanh^2
+            dlogits = dlogits * (1 - jnp.square(tanh))
+        dlogits = dlogits.astype(x.dtype)
         dx = jnp.einsum("sbtv,vc->sbtc", dlogits, w, preferred_element_type=x.dtype)
         dw = jnp.einsum("sbtv,sbtc->svc", dlogits, xc, preferred_element_type=jnp.float32)
         return nll, dx, sharding.constrain(dw, ("batch", "vocab", None))

@@ -17,6 +17,10 @@ def gelu(x, approximate: bool):
     return jax.nn.gelu(x, approximate=approximate)
 
 
+def relu2(x):
+    return jnp.square(jax.nn.relu(x))
+
+
 def tied_logits(x, embedding):
     return jnp.einsum("btc,vc->btv", x, embedding.astype(x.dtype), preferred_element_type=jnp.float32)
 
@@ -30,13 +34,15 @@ def causal_attention(qkv):
     return jnp.einsum("bhqk,bkhd->bqhd", probs, v, preferred_element_type=jnp.float32).astype(v.dtype)
 
 
-def chunked_cross_entropy(x, embedding, targets, n_valid, scale=1.0):
+def chunked_cross_entropy(x, embedding, targets, n_valid, softcap=0.0, scale=1.0):
     """x (n, S, b, c, C), targets (n, S, b, c): a loop over the n chunks whose backward pass recomputes each
     chunk's logits (jax.checkpoint) instead of storing them. The mean loss times scale."""
     @jax.checkpoint
     def chunk_nll(xc, tc):  # (S, b, c, C), (S, b, c) -> summed NLL
         xc, tc = xc.reshape(-1, *xc.shape[2:]), tc.reshape(-1, tc.shape[-1])  # (S * b, c, C), (S * b, c)
         logits = tied_logits(xc, embedding)  # (S * b, c, V) float32
+        if softcap:
+            logits = softcap * jnp.tanh(logits / softcap)
         logits = jnp.where(jnp.arange(logits.shape[-1]) < n_valid, logits, -jnp.inf)
         valid = tc >= 0
         logp = jax.nn.log_softmax(logits, axis=-1)

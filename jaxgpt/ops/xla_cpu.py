@@ -117,33 +117,40 @@ def gelu(x, approximate: bool):
     return jax.nn.gelu(x.astype(jnp.float32), approximate=approximate).astype(x.dtype)
 
 
+def relu2(x):
+    # in float32 whatever the compute dtype, as gelu
+    return jnp.square(jax.nn.relu(x.astype(jnp.float32))).astype(x.dtype)
+
+
 def tied_logits(x, embedding):
     B, T, C = x.shape
     return matmul_nt(x.reshape(B * T, C), embedding).reshape(B, T, -1)
 
 
-def chunked_cross_entropy(x, embedding, targets, n_valid, scale=1.0):
+def chunked_cross_entropy(x, embedding, targets, n_valid, softcap=0.0, scale=1.0):
     """x (n, S, b, c, C), targets (n, S, b, c): a loop over the n chunks under one custom VJP. Differentiated, the
     forward pass also takes each chunk's gradients (softmax - one-hot, through the head's two backward matmuls), so
     the logits are computed once and never stored: the head's three matmuls per token, as without chunks (fused
     cross-entropy kernels do the same). The backward pass only scales those gradients by the loss's cotangent.
-    The mean loss times `scale`: a loss scale reaches the gradients before they are rounded to the compute dtype."""
-    return _chunked_cross_entropy(x, embedding, targets, jnp.asarray(scale, jnp.float32), n_valid)
+    The mean loss times `scale`: a loss scale reaches the gradients before they are rounded to the compute dtype.
+    softcap > 0 caps the logits, softcap * tanh(logits / softcap), whose derivative 1 - tanh^2 the gradients carry."""
+    return _chunked_cross_entropy(x, embedding, targets, jnp.asarray(scale, jnp.float32), n_valid, softcap)
 
 
 def fused_cross_entropy(chunks):
-    """The loss of `chunks(x, embedding, targets, n_valid, scale, with_grads) -> (loss, dx, dw)` under one custom
-    VJP: differentiated, the forward pass asks chunks for its gradients too and keeps them (never the logits); the
-    backward pass only multiplies them by the loss's cotangent. -> loss(x, embedding, targets, scale, n_valid)."""
-    @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-    def loss(x, embedding, targets, scale, n_valid):
-        return chunks(x, embedding, targets, n_valid, scale, with_grads=False)[0]
+    """The loss of `chunks(x, embedding, targets, n_valid, softcap, scale, with_grads) -> (loss, dx, dw)` under one
+    custom VJP: differentiated, the forward pass asks chunks for its gradients too and keeps them (never the logits);
+    the backward pass only multiplies them by the loss's cotangent. -> loss(x, embedding, targets, scale, n_valid,
+    softcap)."""
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+    def loss(x, embedding, targets, scale, n_valid, softcap):
+        return chunks(x, embedding, targets, n_valid, softcap, scale, with_grads=False)[0]
 
-    def loss_fwd(x, embedding, targets, scale, n_valid):
-        value, dx, dw = chunks(x, embedding, targets, n_valid, scale, with_grads=True)
+    def loss_fwd(x, embedding, targets, scale, n_valid, softcap):
+        value, dx, dw = chunks(x, embedding, targets, n_valid, softcap, scale, with_grads=True)
         return value, (dx, dw.astype(embedding.dtype), value / scale)
 
-    def loss_bwd(n_valid, residuals, g):
+    def loss_bwd(n_valid, softcap, residuals, g):
         dx, dw, unscaled = residuals
         times_g = lambda d: (g * d.astype(jnp.float32)).astype(d.dtype)
         return times_g(dx), times_g(dw), None, g * unscaled
@@ -152,7 +159,7 @@ def fused_cross_entropy(chunks):
     return loss
 
 
-def _cross_entropy_chunks(x, embedding, targets, n_valid, scale, with_grads: bool):
+def _cross_entropy_chunks(x, embedding, targets, n_valid, softcap, scale, with_grads: bool):
     """-> (mean NLL times scale, and with_grads: its gradients dx (n, S, b, c, C) in x's dtype and dw (V, C)
     float32). The sums over tokens stay one per batch shard (S) until the loop ends: on a mesh, one reduction, not
     one a chunk."""
@@ -165,6 +172,9 @@ def _cross_entropy_chunks(x, embedding, targets, n_valid, scale, with_grads: boo
         x2, t = xc.reshape(-1, C), tc.reshape(-1)  # (N, C), (N,): 2-D, as `dense`
         logits = jax.lax.dot_general(x2, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
         logits = sharding.constrain(logits, ("batch", "vocab"))  # (N, V) float32
+        if softcap:
+            tanh = jnp.tanh(logits / softcap)
+            logits = softcap * tanh
         if n_valid < V:
             logits = jnp.where(jnp.arange(V) < n_valid, logits, -jnp.inf)
         valid = t >= 0
@@ -176,6 +186,8 @@ def _cross_entropy_chunks(x, embedding, targets, n_valid, scale, with_grads: boo
             return nll, None, None
         weight = valid * scale / count  # (N,): the mean's weight of each token, times the loss scale
         dlogits = (jnp.exp(logits - lse[:, None]) - (jnp.arange(V) == t[:, None])) * weight[:, None]
+        if softcap:  # through the cap: d(softcap * tanh(z / softcap)) / dz = 1 - tanh^2
+            dlogits = dlogits * (1 - jnp.square(tanh))
         dlogits = dlogits.astype(x.dtype)  # rounded to the compute dtype, as the unchunked head's backward pass
         dx = jnp.dot(dlogits, w, preferred_element_type=jnp.float32).astype(x.dtype)  # (N, C)
         if S == 1:  # 2-D, faster on CPU
