@@ -166,7 +166,7 @@ def test_the_scale_reaches_the_gradients_before_they_are_rounded_to_float16(kern
     kernel = KERNELS[kernels].chunked_cross_entropy
 
     def hidden_grad(dtype, scale):
-        loss = lambda x: kernel(x, w, t, V, scale)
+        loss = lambda x: kernel(x, w, t, V, scale=scale)
         return np.asarray(jax.grad(loss)(x.astype(dtype)), np.float32) / scale
     exact = hidden_grad(jnp.float32, 1.0)
     unscaled, scaled = hidden_grad(jnp.float16, 1.0), hidden_grad(jnp.float16, 2.0 ** 16)
