@@ -289,6 +289,8 @@ def overrides(args, *, batch: int, accum: int) -> dict:
     if args.smoke:
         o.update({"model.preset": "", **{f"model.{k}": v for k, v in SMOKE_MODEL.items()}, "optim.lr": 1e-2,
                   "optim.warmup_steps": 5})
+        if base.model.get("value_embeds", 0):  # at most n_layer / 2 of them
+            o["model.value_embeds"] = min(base.model.value_embeds, SMOKE_MODEL["n_layer"] // 2)
     return {**o, **args.set}
 
 
