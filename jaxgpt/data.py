@@ -1,9 +1,11 @@
 """Token shards on disk (llm.c's format, and nanoGPT's raw train.bin/val.bin) and the grain pipeline that turns them
-into endless training batches {"inputs", "targets"} of shape (batch_size, block_size), resumable exactly through
-the iterator's state. docs/architecture.md describes the shard format and the order of the batches."""
+into endless training batches {"inputs", "targets"} of shape (batch_size, block_size). The order is one global stream
+of windows, whatever the number of processes: a run resumes from the count of windows consumed, on any layout.
+docs/architecture.md describes the shard format and the order of the batches."""
 from __future__ import annotations
 
 import glob
+import hashlib
 import os
 
 import grain
@@ -142,9 +144,13 @@ class TokenWindows:
         return tokens.astype(np.int32)
 
 
-def _batch_stream(files, *, block_size, batch_size, seed, process_index, process_count,
-                  vocab_size) -> grain.MapDataset:
-    """This process's endless stream of batches, as a grain MapDataset (random access: batch i is ds[i])."""
+def _batch_stream(files, *, block_size, batch_size, seed, process_index, process_count, vocab_size,
+                  start: int = 0) -> grain.MapDataset:
+    """This process's endless stream of batches, as a grain MapDataset (random access: batch i is ds[i]).
+
+    Global micro-batch i is windows start + i*B .. start + (i+1)*B - 1 of the shuffled stream (B = batch_size x
+    process_count), process p taking every process_count-th of them from the p-th: the windows a step sees depend
+    only on `start` and B, not on how many processes share them."""
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index={process_index} must lie in [0, process_count={process_count})")
     if not 0 <= seed < 2**32:
@@ -152,7 +158,9 @@ def _batch_stream(files, *, block_size, batch_size, seed, process_index, process
     windows = TokenWindows(files, block_size + 1, seed, vocab_size)
     ds = grain.MapDataset.range(windows.num_windows).shuffle(seed=seed).repeat()  # reshuffled every epoch
     ds = ds.map_with_index(lambda i, window_id: windows.window(i // windows.num_windows, window_id))
-    ds = ds[process_index::process_count]
+    if start < 0:
+        raise ValueError(f"start={start} must be >= 0")
+    ds = ds[start + process_index::process_count]
     # drop_remainder: the stream is endless anyway, and without it grain overflows computing the length of a
     # sys.maxsize-long stream in batches of 1.
     return ds.batch(batch_size, drop_remainder=True, batch_fn=_to_batch)
@@ -164,10 +172,11 @@ def _to_batch(windows: list[np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def make_dataset(files: list[str], *, block_size: int, batch_size: int, seed: int, process_index: int = 0,
-                 process_count: int = 1, vocab_size: int | None = None) -> grain.IterDataset:
-    """Endless training batches for this process; `iter(...)` gives a grain DatasetIterator (get/set_state)."""
+                 process_count: int = 1, vocab_size: int | None = None, start: int = 0) -> grain.IterDataset:
+    """Endless training batches of batch_size rows for this process, from global window `start` on (the windows
+    every earlier batch consumed, summed over the processes)."""
     ds = _batch_stream(files, block_size=block_size, batch_size=batch_size, seed=seed, process_index=process_index,
-                       process_count=process_count, vocab_size=vocab_size)
+                       process_count=process_count, vocab_size=vocab_size, start=start)
     # One background thread, a few batches ahead: reading a window is a memmap slice, more threads only contend
     # for the GIL, and a deep buffer of large batches would cost memory.
     return ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=4))
@@ -180,6 +189,18 @@ def eval_batches(files: list[str], *, block_size: int, batch_size: int, n_batche
     ds = _batch_stream(files, block_size=block_size, batch_size=batch_size, seed=seed, process_index=process_index,
                        process_count=process_count, vocab_size=vocab_size)
     return [ds[i] for i in range(n_batches)]
+
+
+def stream_identity(files: list[str], *, block_size: int, seed: int) -> dict:
+    """What fixes the window stream, kept with a checkpoint so that a resumed run can tell it reads the same one:
+    the seed, the window length, and each shard's name, size and a fingerprint of its first and last tokens (the
+    directory may move between clusters; the data may not)."""
+    shards = []
+    for path in files:
+        tokens = read_shard(path)
+        digest = hashlib.sha256(np.asarray(tokens[:4096]).tobytes() + np.asarray(tokens[-4096:]).tobytes())
+        shards.append([os.path.basename(path), int(tokens.size), digest.hexdigest()[:16]])
+    return {"seed": int(seed), "window_tokens": block_size + 1, "shards": shards}
 
 
 def _mix(*values: int) -> int:

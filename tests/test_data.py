@@ -1,12 +1,11 @@
-"""Shard format, the grain loader (windows, determinism, process sharding, exact resume) and jaxgpt.prepare."""
+"""Shard format, the grain loader (windows, determinism, process sharding, resuming from a window count) and
+jaxgpt.prepare."""
 import os
 import subprocess
 import sys
 
 import corpus
-import grain
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 from jaxgpt.data import MAGIC, eval_batches, find_shards, make_dataset, read_shard, write_shard
@@ -155,35 +154,28 @@ def test_processes_read_disjoint_windows(tmp_path):
         make_dataset(files, block_size=15, batch_size=4, seed=0, process_index=2, process_count=2)
 
 
-def test_iterator_state_restores_exactly(tmp_path):
+def test_start_continues_the_stream_exactly(tmp_path):
+    """A run resumes from the count of windows consumed: the stream from `start` is the stream after that many."""
     files, _ = write_numbered_shards(tmp_path, [900, 400])
-    make = lambda: iter(make_dataset(files, block_size=20, batch_size=3, seed=11))
-    it = make()
-    take(it, 25)  # past the first epoch of 41 + 18 windows
-    state = it.get_state()
-    expected = take(it, 9)
-    resumed = make()
-    resumed.set_state(state)
-    assert_same_batches(take(resumed, 9), expected)
+    make = lambda start: iter(make_dataset(files, block_size=20, batch_size=3, seed=11, start=start))
+    whole = take(make(0), 34)  # past the first epoch of 41 + 18 windows
+    assert_same_batches(take(make(25 * 3), 9), whole[25:])
+    with pytest.raises(ValueError, match="start=-3 must be >= 0"):
+        make(-3)
 
 
-def test_iterator_state_in_an_orbax_checkpoint(tmp_path):
-    files, _ = write_numbered_shards(tmp_path, [900])
-    make = lambda: iter(make_dataset(files, block_size=20, batch_size=3, seed=5))
-    params = {"w": np.arange(4.0)}
-    it = make()
-    take(it, 5)
-    with ocp.CheckpointManager(str(tmp_path / "ckpt")) as manager:
-        manager.save(5, args=ocp.args.Composite(state=ocp.args.StandardSave(params),
-                                                data=grain.checkpoint.CheckpointSave(it)))
-        expected = take(it, 4)  # advancing while the save may still be in flight must not change what was saved
-        manager.wait_until_finished()
-        fresh = make()
-        restored = manager.restore(5, args=ocp.args.Composite(state=ocp.args.StandardRestore(params),
-                                                              data=grain.checkpoint.CheckpointRestore(fresh)))
-    assert restored["data"] is fresh
-    np.testing.assert_array_equal(restored["state"]["w"], params["w"])
-    assert_same_batches(take(fresh, 4), expected)
+@pytest.mark.parametrize("processes", [2, 4])
+def test_a_global_batch_holds_the_same_windows_whatever_the_process_count(tmp_path, processes):
+    """Global micro-batch i is windows start + i*B .. start + (i+1)*B - 1 of the one shuffled stream, however many
+    processes share it: a run resumed on another number of processes draws what the uninterrupted one would."""
+    files, tokens = write_numbered_shards(tmp_path, [1600, 700])
+    start, global_batch = 30, 8
+    one = take(iter(make_dataset(files, block_size=15, batch_size=global_batch, seed=3, start=start)), 20)
+    parts = [take(iter(make_dataset(files, block_size=15, batch_size=global_batch // processes, seed=3, start=start,
+                                    process_index=p, process_count=processes)), 20) for p in range(processes)]
+    for i in range(20):  # 160 windows: into the second epoch of 143
+        expected = sorted(window_starts([one[i]], tokens))
+        assert sorted(s for part in parts for s in window_starts([part[i]], tokens)) == expected
 
 
 def test_eval_batches_are_fixed(tmp_path):
