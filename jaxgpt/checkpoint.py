@@ -82,11 +82,14 @@ def restored_model(config: GPTConfig, restore, where: str) -> GPT:
 
 
 # Training checkpoints --------------------------------------------------------------------------------------------
-# WORKDIR/checkpoints/<step>/ holds four items: params (like a model dir's), train (step, optimizer state, RNG),
-# data (each process's grain iterator state) and config (the model config and the whole training config).
-# Orbax writes each step to a temporary directory and renames it when complete, so a run killed mid-save
-# leaves the previous checkpoint as the latest usable one.
-TRAIN_ITEMS = ("params", "train", "data", "config")
+# WORKDIR/checkpoints/<step>/ holds four items: params (like a model dir's), train (step, optimizer state, RNG, loss
+# scale), position (where the global window stream stands, what it is, and the layout that wrote it) and config
+# (the model config and the whole training config). Orbax writes each step to a temporary directory and renames it
+# when complete, so a run killed mid-save leaves the previous checkpoint as the latest usable one. Checkpoints
+# written before the position item hold `data` instead: each process's grain iterator state (LEGACY_DATA).
+TRAIN_ITEMS = ("params", "train", "position", "config")
+LEGACY_DATA = "data"
+SET_ASIDE = "set_aside"  # WORKDIR/set_aside/<step>: later checkpoints moved out of the way by resume_step
 
 
 def checkpoint_manager(workdir: str, *, keep: int = 2, keep_best: bool = True,
@@ -101,28 +104,35 @@ def checkpoint_manager(workdir: str, *, keep: int = 2, keep_best: bool = True,
         preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
         best_fn=lambda m: m["val_loss"], best_mode="min", enable_async_checkpointing=async_save, create=True)
     logging.getLogger("absl").addFilter(_quiet_untracked_save)
-    return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
-                                 item_names=TRAIN_ITEMS, options=options)
+    return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"), options=options,
+                                 item_handlers=_item_handlers())
+
+
+def _item_handlers() -> dict:
+    """Registered up front, so that item_metadata can read any step before anything was restored."""
+    import grain
+    return {"params": ocp.StandardCheckpointHandler(), "train": ocp.StandardCheckpointHandler(),
+            "position": ocp.JsonCheckpointHandler(), "config": ocp.JsonCheckpointHandler(),
+            LEGACY_DATA: grain.checkpoint.CheckpointHandler()}
 
 
 def _quiet_untracked_save(record) -> bool:
     return "did not provide metrics" not in record.getMessage()  # orbax, at every save without a val loss
 
 
-def save_training(manager, step: int, *, params, train, data_iterator, config: dict, val_loss=None):
-    import grain
+def save_training(manager, step: int, *, params, train, position: dict, config: dict, val_loss=None):
     args = ocp.args.Composite(params=ocp.args.StandardSave(params), train=ocp.args.StandardSave(train),
-                              data=grain.checkpoint.CheckpointSave(data_iterator), config=ocp.args.JsonSave(config))
+                              position=ocp.args.JsonSave(position), config=ocp.args.JsonSave(config))
     manager.save(step, args=args, metrics=None if val_loss is None else {"val_loss": float(val_loss)})
 
 
-def restore_training(manager, step: int, *, params, train, data_iterator):
+def restore_training(manager, step: int, *, params, train):
     """params/train: abstract targets (ShapeDtypeStruct with shardings), so a checkpoint saved on one mesh restores
-    onto another. The data iterator is restored in place. Returns (params, train)."""
-    import grain
+    onto another, by any number of processes. Returns (params, train)."""
+    check_structure(manager, step, params=params, train=train)
     restored = readable(manager.restore, step, args=ocp.args.Composite(
-        params=ocp.args.StandardRestore(params), train=ocp.args.StandardRestore(train),
-        data=grain.checkpoint.CheckpointRestore(data_iterator)), where=f"{manager.directory}/{step}")
+        params=ocp.args.StandardRestore(params), train=ocp.args.StandardRestore(train)),
+        where=f"{manager.directory}/{step}")
     return restored.params, restored.train
 
 
@@ -132,14 +142,93 @@ def saved_config(manager, step: int) -> dict:
                     where=f"{manager.directory}/{step}").config
 
 
+def saved_position(manager, step: int, global_batch: int) -> dict:
+    """The position item of a checkpoint: {"windows": consumed, "stream": data.stream_identity, "layout": ...}.
+    A checkpoint from before it has each process's grain state instead, {"next_index": local batches taken}, the
+    same on every process: windows = next_index x the global batch it was written with (`global_batch`)."""
+    where = f"{manager.directory}/{step}"
+    legacy = os.path.join(where, LEGACY_DATA)
+    if os.path.isdir(legacy) and not os.path.isdir(os.path.join(where, "position")):
+        states = sorted(f for f in os.listdir(legacy) if f.startswith("process_") and f.endswith(".json"))
+        if not states:
+            raise UnreadableCheckpoint(where, f"{legacy} holds no process_*-of-*.json iterator state")
+        processes = int(states[0].rpartition("-of-")[2].removesuffix(".json"))
+        state = readable(_read_json, os.path.join(legacy, states[0]), where=where)
+        return {"windows": int(state["next_index"]) * global_batch, "stream": None, "layout": {"processes": processes}}
+    return readable(manager.restore, step, args=ocp.args.Composite(position=ocp.args.JsonRestore()),
+                    where=where).position
+
+
+def _read_json(path: str):
+    with open(path) as f:
+        return json.load(f)
+
+
+class UnreadableCheckpoint(UserValueError):
+    """A checkpoint step whose files fail to read (missing, truncated or corrupt): `where`, `problem`."""
+
+    def __init__(self, where: str, problem: str):
+        self.where, self.problem = where, problem
+        super().__init__(f"cannot read the checkpoint {where}: {problem}")
+
+
 def readable(restore, *args, where: str = "", **kwargs):
-    """restore(*args, **kwargs), its failure (a missing, truncated or corrupt file) a UserValueError naming it."""
+    """restore(*args, **kwargs), its failure (a missing, truncated or corrupt file) an UnreadableCheckpoint."""
     try:
         return restore(*args, **kwargs)
+    except UnreadableCheckpoint:
+        raise
     except Exception as e:  # orbax and tensorstore raise many types for unreadable files
         problem = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-        raise UserValueError(f"cannot read the checkpoint {where}: {problem}; it is missing files or corrupt "
-                             "(delete that step's directory to go back to an earlier checkpoint)") from e
+        raise UnreadableCheckpoint(where, problem) from e
+
+
+def check_structure(manager, step: int, **targets):
+    """Each item's saved tree (paths and shapes, from its metadata) against the abstract target it is to be
+    restored into: a checkpoint written by another configuration (another optimizer, say) is refused as that, not
+    reported as unreadable."""
+    where = f"{manager.directory}/{step}"
+    metadata = readable(manager.item_metadata, step, where=where)
+    for name, target in targets.items():
+        saved, wanted = _shapes(metadata[name]), _shapes(target)
+        if saved != wanted:
+            diff = sorted(k for k in saved.keys() | wanted.keys() if saved.get(k) != wanted.get(k))
+            shown = ", ".join(f"{k}: {saved.get(k, 'absent')} there, {wanted.get(k, 'absent')} here" for k in diff[:4])
+            raise UserValueError(f"{where} was written by another training configuration: its {name} differ in "
+                                 f"{len(diff)} entries ({shown}{', ...' if len(diff) > 4 else ''})")
+
+
+def _shapes(tree) -> dict:
+    """{'a/b/0': shape} of a tree of arrays, ShapeDtypeStructs, nnx Variables or orbax metadata."""
+    flat = jax.tree_util.tree_flatten_with_path(
+        tree, is_leaf=lambda x: hasattr(x, "shape") and not isinstance(x, nnx.Variable))[0]  # a Variable: .value
+    return {"/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path):
+            tuple(leaf.shape) for path, leaf in flat if leaf is not None}
+
+
+def readable_before(manager, step: int, probe) -> int | None:
+    """The latest checkpoint step before `step` for which probe(step) reads, or None."""
+    for earlier in sorted((s for s in manager.all_steps() if s < step), reverse=True):
+        try:
+            probe(earlier)
+            return earlier
+        except UnreadableCheckpoint:
+            continue
+    return None
+
+
+def set_aside(manager, steps) -> str:
+    """Moves these checkpoint steps to WORKDIR/set_aside/ (never deletes them); returns that directory."""
+    root = os.path.join(os.path.dirname(os.fspath(manager.directory)), SET_ASIDE)
+    os.makedirs(root, exist_ok=True)
+    for step in steps:
+        target = os.path.join(root, str(step))
+        n = 1
+        while os.path.exists(target):  # an earlier set-aside of the same step stays too
+            target, n = os.path.join(root, f"{step}.{n}"), n + 1
+        os.replace(os.path.join(os.fspath(manager.directory), str(step)), target)
+    manager.reload()
+    return root
 
 
 def is_training_dir(directory: str) -> bool:
@@ -166,11 +255,21 @@ def select_step(manager, step: str | int | None = None) -> int:
 
 
 def load_trained_model(workdir: str, step: str | int | None = None, **overrides) -> GPT:
-    """The parameters of a training run's checkpoint at `step` (see select_step) as a model."""
-    manager = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"), item_names=TRAIN_ITEMS)
+    """The parameters of a training run's checkpoint at `step` (see select_step) as a model. An unreadable step's
+    error names the latest earlier one that reads (--step=N)."""
+    manager = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
+                                    item_handlers=_item_handlers())
+
+    def load(step):
+        config = saved_config(manager, step)
+        def restore(target):
+            return manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target))).params
+        return restored_model(dataclasses.replace(GPTConfig(**config["model"]), **overrides), restore,
+                              f"{manager.directory}/{step}")
     step = select_step(manager, step)
-    config = saved_config(manager, step)
-    def restore(target):
-        return manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target))).params
-    return restored_model(dataclasses.replace(GPTConfig(**config["model"]), **overrides), restore,
-                          f"{manager.directory}/{step}")
+    try:
+        return load(step)
+    except UnreadableCheckpoint as e:
+        earlier = readable_before(manager, step, load)
+        advice = f"step {earlier} reads: use --step={earlier}" if earlier else "no earlier checkpoint reads either"
+        raise UnreadableCheckpoint(e.where, f"{e.problem}; {advice}") from e

@@ -18,7 +18,7 @@ from absl import flags, logging
 from flax import nnx
 from ml_collections import ConfigDict, config_flags
 
-from jaxgpt import checkpoint, cli, data, loader, loss_scale, metrics, model, preemption, sharding, tokenizer
+from jaxgpt import checkpoint, cli, data, loader, metrics, model, preemption, resume, sharding, tokenizer
 from jaxgpt.errors import UserFileNotFoundError, UserValueError
 from jaxgpt.step import TrainState, fresh_state, make_steps
 
@@ -30,30 +30,34 @@ class Trainer:
         self.config, self.workdir = config, workdir
         self.is_main = jax.process_index() == 0
         self.tokenizer, self.data_dir = prepare_data(config, self.is_main)
-        if self.is_main:  # kept with the checkpoints: sample and export find it there
-            os.makedirs(workdir, exist_ok=True)
-            self.tokenizer.save(workdir)
         self.model_config = self._model_config()
         self.mesh = sharding.make_mesh(config.mesh)
         self.config = config = resolve_batch(config, self.mesh, self.model_config.block_size)
         self._check_batch()
         self.steps = make_steps(config, self.model_config, self.mesh)
+        self.manager = checkpoint.checkpoint_manager(workdir, keep=config.keep_checkpoints)
+        train_files = data.find_shards(self.data_dir, "train")
+        self.stream = data.stream_identity(train_files, block_size=self.model_config.block_size, seed=config.seed)
+        self.resume = resume.plan(self.manager, workdir, config, self.model_config, self.stream,
+                                  has_loss_scale=self.steps.loss_scale is not None)  # refuses before any write
+        if config.hellaswag_file:  # a missing or malformed file fails now, not at the first evaluation
+            from jaxgpt import evaluate
+            evaluate.read_hellaswag(config.hellaswag_file, config.hellaswag_limit or None)
 
         local_batch = config.batch_size // jax.process_count()
         self.train_data = iter(data.make_dataset(
-            data.find_shards(self.data_dir, "train"), block_size=self.model_config.block_size,
-            batch_size=local_batch, seed=config.seed, process_index=jax.process_index(),
-            process_count=jax.process_count(), vocab_size=self.tokenizer.vocab_size))
+            train_files, block_size=self.model_config.block_size, batch_size=local_batch, seed=config.seed,
+            process_index=jax.process_index(), process_count=jax.process_count(),
+            vocab_size=self.tokenizer.vocab_size, start=self.resume.windows if self.resume else 0))
         val = data.eval_batches(
             data.find_shards(self.data_dir, "val"), block_size=self.model_config.block_size, batch_size=local_batch,
             n_batches=config.eval_iters, seed=config.seed, process_index=jax.process_index(),
             process_count=jax.process_count(), vocab_size=self.tokenizer.vocab_size)
         self.val_batches = sharding.host_batch_to_global(  # fixed: stacked to (eval_iters, B, T) once
             {k: np.stack([b[k] for b in val]) for k in ("inputs", "targets")}, self.mesh, batch_axis=1)
-        self.manager = checkpoint.checkpoint_manager(workdir, keep=config.keep_checkpoints)
-        if config.hellaswag_file:  # a missing or malformed file fails now, not at the first evaluation
-            from jaxgpt import evaluate
-            evaluate.read_hellaswag(config.hellaswag_file, config.hellaswag_limit or None)
+        if self.is_main:  # kept with the checkpoints: sample and export find it there
+            os.makedirs(workdir, exist_ok=True)
+            self.tokenizer.save(workdir)
 
     def _model_config(self) -> model.GPTConfig:
         if loader.is_weights_spec(self.config.init_from):  # the architecture comes from the weights
@@ -83,15 +87,9 @@ class Trainer:
         return loader.crop_block_size(pretrained, self.config.model.block_size)  # nanoGPT's crop_block_size
 
     def initial_state(self) -> tuple[TrainState, int]:
-        """Resumes from the workdir's latest checkpoint when there is one, else starts per init_from."""
-        latest = self.manager.latest_step()
-        if latest is not None:
-            self._check_fits(checkpoint.saved_config(self.manager, latest), latest)
-            params, items = checkpoint.restore_training(
-                self.manager, latest, params=self.steps.abstract_state.params,
-                train=self.steps.abstract_state.train_items(), data_iterator=self.train_data)
-            log(self.is_main, f"resumed from {self.workdir} at step {latest}")
-            return TrainState(params=params, **items), latest
+        """Resumes from the checkpoint resume.plan chose when there is one, else starts per init_from."""
+        if self.resume is not None:
+            return self._resumed(self.resume), self.resume.step
         if self.config.init_from == "resume":
             raise UserFileNotFoundError(f"init_from='resume' but {self.workdir} has no checkpoint to resume from")
         if self.config.init_from == "scratch":
@@ -106,21 +104,23 @@ class Trainer:
                                  "nanogpt:FILE, openai:DIR or ckpt:DIR")
         return fresh_state(self.steps, self.model_config, self.config.seed, params), 0
 
-    def _check_fits(self, saved_config: dict, step: int):
-        """A workdir's checkpoint must be of this config's model (compute-only fields may differ), and hold a loss
-        scale exactly when this run has one (float16)."""
-        ours = dataclasses.asdict(self.model_config)
-        saved = {k: tuple(v) if isinstance(v, list) else v for k, v in saved_config["model"].items()}  # JSON: lists
-        if diff := [f"{k}={saved.get(k)!r} there, {v!r} here" for k, v in ours.items()
-                    if k not in model.COMPUTE_FIELDS and saved.get(k, v) != v]:
-            raise UserValueError(f"{self.workdir} holds a checkpoint (step {step}) of another model: "
-                                 f"{', '.join(diff)}; train in a new --workdir, or with the config that made it")
-        setting = saved_config["train"]["optim"].get("loss_scale", "auto")  # older checkpoints: auto
-        if (loss_scale.resolve(setting, saved["dtype"]) is None) != (self.steps.loss_scale is None):
-            raise UserValueError(
-                f"{self.workdir}'s checkpoint (step {step}) was trained with model.dtype={saved['dtype']} and "
-                f"optim.loss_scale={setting}, which {'does not' if self.steps.loss_scale else 'does'} keep a loss "
-                f"scale; resume with those, or start a new --workdir with --config.init_from={self.workdir}")
+    def _resumed(self, start: resume.Resume) -> TrainState:
+        """The state of checkpoint `start.step`, restored onto this run's mesh; the later steps (resume_step)
+        moved aside once it has read."""
+        def read(step):
+            return checkpoint.restore_training(self.manager, step, params=self.steps.abstract_state.params,
+                                               train=self.steps.abstract_state.train_items())
+        params, items = resume.readable_or_advice(self.manager, start.step, read)
+        if start.later_steps and self.is_main:
+            where = checkpoint.set_aside(self.manager, start.later_steps)
+            log(self.is_main, f"resume_step={start.step}: moved the later checkpoints {list(start.later_steps)} to "
+                              f"{where}")
+        if start.later_steps:
+            sync_processes("set_aside")
+            self.manager.reload()
+        log(self.is_main, f"resumed from {self.workdir} at step {start.step}"
+                          f"{resume.changed(start.written_by, resume.layout(self.mesh, self.config))}")
+        return TrainState(params=params, **items)
 
     def last_checkpoint(self) -> int | None:
         """The latest complete checkpoint's step, once the saves in flight are done."""
@@ -148,13 +148,16 @@ class Trainer:
         pool.shutdown(wait=False)
         return future
 
-    def next_batches(self, n: int):
-        """Local micro-batches for n steps stacked to (n, accum, B_local, T), assembled into global arrays."""
+    def local_batches(self, n: int) -> dict[str, np.ndarray]:
+        """This process's micro-batches for the next n steps, stacked to (n, accum, B_local, T)."""
         accum = self.config.grad_accum_steps
         micro = [next(self.train_data) for _ in range(n * accum)]
-        stacked = {k: np.stack([m[k] for m in micro]).reshape(n, accum, *micro[0][k].shape)
-                   for k in ("inputs", "targets")}
-        return sharding.host_batch_to_global(stacked, self.mesh, batch_axis=2)
+        return {k: np.stack([m[k] for m in micro]).reshape(n, accum, *micro[0][k].shape)
+                for k in ("inputs", "targets")}
+
+    def next_batches(self, n: int):
+        """local_batches(n) assembled into global arrays sharded over the mesh's batch axes."""
+        return sharding.host_batch_to_global(self.local_batches(n), self.mesh, batch_axis=2)
 
     def describe(self):
         mc = self.model_config
@@ -196,8 +199,10 @@ class Trainer:
         return val_loss
 
     def save(self, state: TrainState, step: int, val_loss=None):
+        position = {"windows": step * self.config.batch_size * self.config.grad_accum_steps, "stream": self.stream,
+                    "layout": resume.layout(self.mesh, self.config)}
         checkpoint.save_training(
-            self.manager, step, params=state.params, train=state.train_items(), data_iterator=self.train_data,
+            self.manager, step, params=state.params, train=state.train_items(), position=position,
             config={"model": dataclasses.asdict(self.model_config), "train": self.config.to_dict()},
             val_loss=val_loss)
 
@@ -209,6 +214,13 @@ class Trainer:
         out = generate.generate(m, [prompt], max_new_tokens=c.sample_tokens, temperature=0.8, top_k=200,
                                 seed=c.seed, eot_id=self.tokenizer.eot)
         return self.tokenizer.decode(prompt + out[0])
+
+
+def sync_processes(name: str):
+    """Every process waits here until all have arrived (a no-op for one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)
 
 
 def log(is_main: bool, message: str):
@@ -282,7 +294,7 @@ def _train(config: ConfigDict, workdir: str, watch: preemption.Watch) -> TrainSt
     t = Trainer(config, workdir)
     config = t.config  # batch_size and grad_accum_steps resolved for this mesh
     checkpoint_every = config.checkpoint_every or config.eval_every
-    compiled = t.compile_ahead(call_length(t.manager.latest_step() or 0, config, checkpoint_every))
+    compiled = t.compile_ahead(call_length(t.resume.step if t.resume else 0, config, checkpoint_every))
     state, start = t.initial_state()
     compiled.result()
     t.describe()

@@ -1,0 +1,291 @@
+"""Resume anywhere (docs/scaling.md, "Resuming on another cluster shape"): a run stopped on one cluster shape goes on
+on another (processes, devices, mesh, micro-batch and accumulation) drawing, at every later step, exactly the windows
+the uninterrupted run on the new shape draws, with losses within float32 reduction noise; what may not change (the
+model, the data, tokens per step, the seed) is one error that writes nothing; an unreadable checkpoint names the
+latest earlier step that reads, and resume_step resumes from it without deleting anything."""
+import collections
+import json
+import os
+import pathlib
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+
+import corpus
+import numpy as np
+import pytest
+
+from jaxgpt import checkpoint, plot, prepare, train
+from jaxgpt.errors import UserFileNotFoundError, UserValueError
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+FIXTURES = REPO / "tests" / "fixtures"
+EXIT_REQUEUE = 75  # docs/scaling.md: a preempted run exits 75 (EX_TEMPFAIL)
+NOISE = dict(rtol=2e-5, atol=0)  # float32 losses of the same windows reduced in another order (measured: ~1e-6)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    text = corpus.write(tmp_path_factory.mktemp("text") / "corpus_60k.txt", 60_000)
+    return prepare.prepare(str(tmp_path_factory.mktemp("char")), dataset="text", input=text, tokenizer="char")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(workdir, data_dir, *flags, processes=1, devices=1, record=None):
+    """The tiny config through tests/resume_worker.py (jaxgpt.train's flags), on `processes` processes of `devices`
+    forced CPU devices each; one log line a step, a checkpoint every 4 steps, all kept."""
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+           "RECORD_TO": str(record) if record else ""}
+    command = [sys.executable, "tests/resume_worker.py", "--config=configs/tiny.py", f"--workdir={workdir}",
+               f"--config.data.dir={data_dir}", "--config.optim.decay_steps=16", "--config.eval_every=4",
+               "--config.keep_checkpoints=100", "--config.sample_tokens=0", "--config.log_every=1", *flags]
+    address = [f"--coordinator_address=127.0.0.1:{free_port()}", f"--num_processes={processes}"]
+    return [subprocess.Popen(command + (address + [f"--process_id={i}"] if processes > 1 else []), cwd=REPO,
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for i in range(processes)]
+
+
+def finish(procs, status=0):
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [status] * len(procs), "\n".join(o[-3000:] for o in outputs)
+    return outputs[0]
+
+
+def run(workdir, data_dir, *flags, processes=1, devices=1, record=None):
+    return finish(launch(workdir, data_dir, *flags, processes=processes, devices=devices, record=record))
+
+
+def windows(record) -> dict[int, list]:
+    """step -> the sorted token rows every process fed into it (the windows, identified by their tokens)."""
+    rows = collections.defaultdict(list)
+    for path in pathlib.Path(record).parent.glob(f"{pathlib.Path(record).name}.*.jsonl"):
+        for line in path.read_text().splitlines():
+            entry = json.loads(line)
+            rows[entry["step"]] += [tuple(r) for r in entry["rows"]]
+    return {step: sorted(r) for step, r in rows.items()}
+
+
+def losses(workdir) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in plot.read_metrics(str(workdir)) if "loss" in r}
+
+
+def keep_until(source, target, step):
+    """A copy of a workdir as it stood at `step`: the later checkpoints are left out of the copy."""
+    shutil.copytree(source, target, ignore=lambda d, names: [n for n in names if n.isdigit() and int(n) > step
+                                                             and os.path.basename(d) == "checkpoints"])
+
+
+def assert_same_later_steps(resumed, reference, after, last, rec_resumed, rec_reference):
+    got, want = windows(rec_resumed), windows(rec_reference)
+    assert sorted(got) == list(range(after + 1, last + 1)), sorted(got)  # nothing rerun, nothing skipped
+    for step in range(after + 1, last + 1):
+        assert got[step] == want[step], f"step {step} drew other windows"
+    a, b = losses(resumed), losses(reference)
+    np.testing.assert_allclose([a[s] for s in range(after + 1, last + 1)],
+                               [b[s] for s in range(after + 1, last + 1)], **NOISE)
+
+
+@pytest.fixture(scope="module")
+def references(data_dir, tmp_path_factory):
+    """Uninterrupted runs to step 24 on one process, and to step 8 on two (2 devices each), with their windows."""
+    root = tmp_path_factory.mktemp("references")
+    run(root / "one", data_dir, "--config.max_steps=24", record=root / "one.rec")
+    run(root / "two", data_dir, "--config.max_steps=8", processes=2, devices=2, record=root / "two.rec")
+    return root
+
+
+@pytest.mark.slow
+def test_two_processes_resume_on_one_and_one_on_two(data_dir, references, tmp_path):
+    keep_until(references / "two", tmp_path / "from_two", 4)
+    out = run(tmp_path / "from_two", data_dir, "--config.max_steps=8", record=tmp_path / "from_two.rec")
+    assert ("resumed from" in out and "at step 4, written by 2 processes on data=4, micro-batches of 8 x 1; now 1 "
+            "process on data=1, micro-batches of 8 x 1") in out, out
+    assert_same_later_steps(tmp_path / "from_two", references / "one", 4, 8, tmp_path / "from_two.rec",
+                            references / "one.rec")
+
+    keep_until(references / "one", tmp_path / "from_one", 4)
+    out = run(tmp_path / "from_one", data_dir, "--config.max_steps=8", processes=2, devices=2,
+              record=tmp_path / "from_one.rec")
+    assert "at step 4, written by 1 process on data=1, micro-batches of 8 x 1; now 2 processes on data=4" in out, out
+    assert_same_later_steps(tmp_path / "from_one", references / "two", 4, 8, tmp_path / "from_one.rec",
+                            references / "two.rec")
+
+
+@pytest.mark.slow
+def test_sigterm_on_two_processes_then_resumed_on_one(data_dir, references, tmp_path):
+    procs = launch(tmp_path / "run", data_dir, "--config.max_steps=24", processes=2, devices=2)
+    for line in procs[0].stdout:  # both train
+        if line.startswith("step 2:"):
+            break
+    procs[1].send_signal(signal.SIGTERM)
+    out = finish(procs, status=EXIT_REQUEUE)
+    reached = max(int(n) for n in os.listdir(tmp_path / "run" / "checkpoints"))
+    assert f"stopped at step {reached}, saved a checkpoint" in out and reached < 24, out
+    out = run(tmp_path / "run", data_dir, "--config.max_steps=24", record=tmp_path / "resumed.rec")
+    assert f"at step {reached}, written by 2 processes" in out, out
+    assert_same_later_steps(tmp_path / "run", references / "one", reached, 24, tmp_path / "resumed.rec",
+                            references / "one.rec")
+
+
+@pytest.mark.slow
+def test_eight_devices_resume_on_four_with_fsdp_tensor_and_another_accumulation(data_dir, tmp_path):
+    """data=8 with micro-batches of 8 -> fsdp=2 x tensor=2 with micro-batches of 4 x 2 accumulated: the same 8
+    windows a step. float16 (its dynamic loss scale moving every 2 steps) and Muon (its momentum) carry over: the
+    losses and the scale after the resume are those of the uninterrupted run on the new layout."""
+    common = ["--config.model.dtype=float16", "--config.optim.loss_scale_period=2", "--config.optim.name=muon"]
+    new = ["--config.mesh.data=1", "--config.mesh.fsdp=2", "--config.mesh.tensor=2", "--config.batch_size=4",
+           "--config.grad_accum_steps=2", "--config.max_steps=8"]
+    run(tmp_path / "run", data_dir, *common, "--config.mesh.data=8", "--config.max_steps=4", devices=8)
+    out = run(tmp_path / "run", data_dir, *common, *new, devices=4, record=tmp_path / "resumed.rec")
+    assert ("at step 4, written by 1 process on data=8, micro-batches of 8 x 1; now 1 process on fsdp=2 x tensor=2, "
+            "micro-batches of 4 x 2") in out, out
+    run(tmp_path / "reference", data_dir, *common, *new, devices=4, record=tmp_path / "reference.rec")
+    scales = [{r["step"]: r["loss_scale"] for r in plot.read_metrics(str(d)) if "loss_scale" in r}
+              for d in (tmp_path / "run", tmp_path / "reference")]
+    assert len(set(scales[1].values())) > 1 and scales[0] == scales[1]  # the scale moved, and moved alike
+    assert_same_later_steps(tmp_path / "run", tmp_path / "reference", 4, 8, tmp_path / "resumed.rec",
+                            tmp_path / "reference.rec")
+
+
+# --- what may not change, and unreadable checkpoints (in this process) ------------------------------------------
+
+def config(data_dir, **overrides):
+    from configs import tiny
+    c = tiny.get_config()
+    c.update_from_flattened_dict({"data.dir": str(data_dir), "sample_tokens": 0, "eval_every": 4,
+                                  "optim.decay_steps": 16, "max_steps": 4, **overrides})
+    return c
+
+
+def snapshot(workdir) -> dict:
+    """Every file under workdir with its size and modification time."""
+    return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in pathlib.Path(workdir).rglob("*")}
+
+
+@pytest.fixture(scope="module")
+def trained(data_dir, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("trained")
+    train.train(config(data_dir), str(workdir))
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def other_data(tmp_path_factory):
+    """Another data set of the same characters (so of the same vocabulary): the corpus backwards."""
+    root = tmp_path_factory.mktemp("other")
+    (root / "text.txt").write_text(corpus.text(60_000)[::-1])
+    return prepare.prepare(str(root / "data"), dataset="text", input=str(root / "text.txt"), tokenizer="char")
+
+
+NEW_RUN = "start a new run from its weights with --workdir=NEW_DIR --config.init_from="
+
+
+@pytest.mark.parametrize("overrides, says", [
+    ({"model.n_embd": 64}, "is of another model: n_embd=32 there, 64 here; resume with the model config"),
+    ({"batch_size": 4}, "was trained with 256 tokens per step (batch_size=8 x grad_accum_steps=1 x block_size=32), "
+                        "this run takes 128 (batch_size=4 x grad_accum_steps=1); resume with "
+                        "--config.tokens_per_step=256"),
+    ({"seed": 1}, "was trained with seed=0, this run has seed=1: the data order would change; resume with "
+                  "--config.seed=0"),
+    ({"optim.name": "muon"}, "was trained with optim.name=adamw, this run has muon"),
+    ({"model.dtype": "float16"}, "was trained with model.dtype=float32 and optim.loss_scale=auto, which does not keep "
+                                 "a loss scale"),
+])
+def test_what_may_not_change_is_one_error_that_writes_nothing(data_dir, trained, overrides, says):
+    before = snapshot(trained)
+    with pytest.raises(UserValueError) as e:
+        train.train(config(data_dir, max_steps=8, **overrides), str(trained))
+    message = str(e.value)
+    assert "\n" not in message and says in message and f"{NEW_RUN}{trained}" in message, message
+    assert snapshot(trained) == before
+
+
+def test_another_data_set_is_refused_naming_both(data_dir, trained, other_data):
+    before = snapshot(trained)
+    with pytest.raises(UserValueError, match=r"was trained on another data set: train shards \[train_000000.bin "
+                                             r"\([\d,]+ tokens, \w+\)\] there, .* in data.dir=.* here; point "
+                                             "--config.data.dir at the data it was trained on, or start a new run"):
+        train.train(config(other_data, max_steps=8), str(trained))
+    assert snapshot(trained) == before  # its tokenizer.json too
+
+
+def test_the_data_directory_may_move(data_dir, trained, tmp_path):
+    """Another cluster mounts the data elsewhere: the same shards under another path resume."""
+    moved = shutil.copytree(data_dir, tmp_path / "mounted_elsewhere")
+    workdir = shutil.copytree(trained, tmp_path / "run")
+    train.train(config(moved, max_steps=5, eval_every=5), str(workdir))
+    assert (workdir / "checkpoints" / "5").is_dir()
+
+
+def test_one_line_on_the_command_line(data_dir, trained):
+    before = snapshot(trained)
+    result = subprocess.run([sys.executable, "-m", "jaxgpt.train", "--config=configs/tiny.py", f"--workdir={trained}",
+                             f"--config.data.dir={data_dir}", "--config.optim.decay_steps=16", "--config.batch_size=16",
+                             "--config.max_steps=8"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr[-2000:]
+    assert result.stderr.startswith(f"error: {trained}'s checkpoint (step 4) was trained with 256 tokens per step")
+    assert snapshot(trained) == before
+
+
+def test_an_unreadable_step_names_the_latest_that_reads_and_resume_step_goes_back_to_it(data_dir, tmp_path):
+    workdir = tmp_path / "run"
+    train.train(config(data_dir, max_steps=12), str(workdir))
+    broken = workdir / "checkpoints" / "12" / "train"
+    for f in broken.rglob("*"):  # the step's optimizer state, truncated (a disk that filled up, say)
+        if f.is_file() and f.stat().st_size > 64:
+            f.write_bytes(f.read_bytes()[:64])
+    with pytest.raises(checkpoint.UnreadableCheckpoint) as e:
+        train.train(config(data_dir, max_steps=16), str(workdir))
+    message = str(e.value)
+    assert message.startswith(f"cannot read the checkpoint {workdir}/checkpoints/12: ") and "\n" not in message
+    assert ("; step 8 reads: resume from it with --config.resume_step=8 (later steps are moved to set_aside/, not "
+            f"deleted), or move {workdir}/checkpoints/12 out of the checkpoints directory") in message, message
+    assert "delete " not in message.replace("not deleted", "")
+    kept = snapshot(workdir / "checkpoints" / "12")
+
+    train.train(config(data_dir, max_steps=16, resume_step=8), str(workdir))
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["12", "16"]  # 12 written anew from 8; keep_checkpoints=2
+    moved = workdir / "set_aside" / "12"
+    assert {p.replace(str(moved), "") for p in snapshot(moved)} == {p.replace(str(workdir / "checkpoints" / "12"), "")
+                                                                    for p in kept}  # nothing lost
+
+
+def test_resume_step_that_is_not_there_names_the_steps(data_dir, trained):
+    with pytest.raises(UserFileNotFoundError, match=r"resume_step=6: .* holds no checkpoint at that step; it holds "
+                                                    r"steps \[4\]"):
+        train.train(config(data_dir, max_steps=8, resume_step=6), str(trained))
+
+
+def test_a_checkpoint_of_another_structure_is_refused_as_that_not_as_unreadable(data_dir, trained):
+    from jaxgpt import loader, sharding, step
+    c = config(data_dir)
+    steps = step.make_steps(c, loader.model_config(c, 65), sharding.make_mesh(c.mesh))
+    other = {**steps.abstract_state.train_items(), "extra": steps.abstract_state.step}
+    with checkpoint.checkpoint_manager(str(trained)) as manager:
+        with pytest.raises(UserValueError, match=r"written by another training configuration: its train differ in 1 "
+                                                 r"entries \(extra: absent there, \(\) here\)") as e:
+            checkpoint.restore_training(manager, 4, params=steps.abstract_state.params, train=other)
+    assert not isinstance(e.value, checkpoint.UnreadableCheckpoint)
+
+
+def test_a_checkpoint_from_before_the_position_item_resumes(tmp_path, monkeypatch):
+    """tests/fixtures/legacy_run was written by the trainer before this change (each process's grain iterator state,
+    no position item): it resumes on its layout and draws the windows a run of today draws."""
+    import resume_worker
+    legacy = shutil.copytree(FIXTURES / "legacy_run", tmp_path / "legacy")
+    settings = {"model.n_layer": 1, "model.n_embd": 16, "model.block_size": 16, "batch_size": 4, "eval_iters": 1,
+                "optim.warmup_steps": 2, "optim.decay_steps": 8, "max_steps": 8, "log_every": 1}
+    originals = {name: getattr(train.Trainer, name) for name in ("initial_state", "local_batches")}
+    for workdir, record in ((legacy, "legacy.rec"), (tmp_path / "today", "today.rec")):
+        for name, method in originals.items():  # recording() replaces them; monkeypatch puts them back at the end
+            monkeypatch.setattr(train.Trainer, name, method)
+        resume_worker.recording(train.Trainer, str(tmp_path / record))
+        train.train(config(legacy / "data", **settings), str(workdir))
+    assert_same_later_steps(legacy, tmp_path / "today", 4, 8, tmp_path / "legacy.rec", tmp_path / "today.rec")
