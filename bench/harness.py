@@ -130,11 +130,10 @@ def module_command(module: str, *args: str) -> list[str]:
 
 
 def run_json(module: str, *args: str) -> dict:
-    """`python -m module *args` in a fresh process from the repository root (no compile cache, allocator state or
-    other framework's threads carried over): the JSON object printed on its last line of stdout. Raises
-    subprocess.CalledProcessError (stderr attached) when the run fails."""
-    out = subprocess.run(module_command(module, *args), cwd=REPO, capture_output=True, text=True,
-                         check=True).stdout
+    """`python -m module *args` in a fresh process (no compile cache, allocator state or other framework's threads
+    carried over): the JSON object printed on its last line of stdout. Raises subprocess.CalledProcessError (stderr
+    attached) when the run fails."""
+    out = subprocess.run(module_command(module, *args), capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 

@@ -57,7 +57,7 @@ from bench.harness import REPO, write_json
 CONFIG = "configs/124m.py"
 VOCAB = 50257  # GPT-2's tokenizer, which configs/124m.py trains with
 # bf16 agreement: elementwise |a - b| <= TOL * (1 + |b|), 2e-2 absolute on unit-scale values and relative on larger
-# ones (gradients reach ~5). bf16 keeps 8 significant bits (one ulp is 2**-8 = 3.9e-3 of the value); the
+# ones (gradients exceed 1). bf16 keeps 8 significant bits (one ulp is 2**-8 = 3.9e-3 of the value); the
 # implementations round scores, probabilities and results to bf16 at different points, a few ulps apart at most,
 # and 2e-2 is ~5 ulps. A wrong mask, scale or layout is off by O(1).
 TOL = 2e-2
@@ -87,7 +87,7 @@ def main():
     p.add_argument("--profile", help="step check: also write a profile of --profile_steps steps into this dir")
     p.add_argument("--profile_steps", type=int, default=3)
     p.add_argument("--worker", help=argparse.SUPPRESS)  # internal: run this one check here, write its JSON to out
-    if "--smoke" in sys.argv[1:]:  # a minute or two on 2 CPU cores; flags given still win
+    if "--smoke" in sys.argv[1:]:  # small enough for a 2-core CPU; flags given still win
         p.set_defaults(step_batch=4, step_accum=2, step_steps=3, train_steps=60, train_batch=8, min_fall=0.5)
     args = p.parse_args()
     args.set = dict(parse_set(item) for item in args.set)

@@ -26,7 +26,7 @@ directories) are shared by the run's processes, so a program compiled once loads
 jaxgpt item records its compile time and whether it added cache entries.
 
 --smoke: bench/gpu/check.py's tiny model, batches divided by 8, a shorter plan (every part once), torch.compile off
-off a GPU; on a CPU it proves the script end to end in several minutes. Its figures mean nothing.
+off a GPU; on a CPU it proves the script end to end. Its figures mean nothing.
 """
 from __future__ import annotations
 
