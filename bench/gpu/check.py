@@ -40,10 +40,8 @@ from __future__ import annotations
 import argparse
 import datetime
 import glob
-import importlib.metadata
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -101,8 +99,8 @@ def main():
     if unknown := set(checks) - {"attention", "step", "train"}:
         sys.exit(f"error: --only names unknown checks {sorted(unknown)}")
     results = {"smoke": args.smoke, "started": datetime.datetime.now().isoformat(timespec="seconds"),
-               "python": platform.python_version(), "host": platform.node(), "tolerance": TOL, "checks": {}}
-    results["jax"] = importlib.metadata.version("jax")  # the workers add the device's details
+               **harness.environment("jax"), "tolerance": TOL, "checks": {}}
+    results["jax"] = results["versions"]["jax"]  # the workers add the device's details
     t0 = time.perf_counter()
     for name in checks:
         print(f"--- {name}", flush=True)
