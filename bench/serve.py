@@ -2,7 +2,7 @@
 there is one): batch-1 decoding with float32 / bfloat16 / int8 weights against Hugging Face generate on the same
 device, then `python -m jaxgpt.serve` under 1, 8 and 32 concurrent HTTP clients.
 
-    python bench/serve.py [--json=serve_results.json] [--time_limit=180] [--prompt_len=64] [--new_tokens=128]
+    python -m bench.serve [--json=serve_results.json] [--time_limit=180] [--prompt_len=64] [--new_tokens=128]
                           [--clients=1,8,32] [--requests=8] [--load_tokens=32] [--repeats=3] [--smoke]
 
 Decoding: one greedy request through jaxgpt.engine (prefill included, as in HF generate), best of --repeats,
@@ -28,7 +28,6 @@ import asyncio  # noqa: E402
 import gc  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
-import platform  # noqa: E402
 import socket  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -43,14 +42,13 @@ import transformers  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 import torch_bridge  # noqa: E402
+from bench import harness, peers  # noqa: E402
 from jaxgpt import engine, quantize, serve  # noqa: E402
 
 FLAGS = flags.FLAGS
 BATCH1_TARGET = 8.0  # issue 25: jaxgpt batch-1 decoding >= 8x HF generate on one H200/H100
 LOAD_TARGET = 12.0  # issue 25: 32 clients' tokens/s >= 12x one client's
 START = time.monotonic()
-
-
 GRACE = 60  # seconds past --time_limit that a part already started may take before its requests time out
 
 
@@ -71,8 +69,7 @@ class Results:
     def update(self, **parts):
         self.data.update(parts, wall_s=round(time.monotonic() - START, 1))
         if self.path:
-            with open(self.path, "w") as f:
-                json.dump(self.data, f, indent=1)
+            harness.write_json(self.path, self.data)
 
     def skip(self, what: str):
         print(f"skipped (time limit of {FLAGS.time_limit} s reached): {what}")
@@ -118,20 +115,10 @@ def batch1(hf, prompt, n, results: Results):
                for w in quantize.WEIGHTS}  # from the CPU model, before HF moves to the device
     runs = {f"jaxgpt {w}": (lambda e=e: decode_once(e, prompt, n)[1]) for w, e in engines.items()}
     runs |= hf_runs(hf, prompt, n)
-    first_s, times, tokens = {}, {name: [] for name in runs}, {}
-    try:
-        for name, run in runs.items():  # warm-up: compiles
-            start = time.perf_counter()
-            tokens[name] = run()
-            first_s[name] = time.perf_counter() - start
-        for _ in range(FLAGS.repeats):
-            if left() < 0:
-                results.skip("batch-1 repeats")
-                break
-            for name, run in runs.items():
-                start = time.perf_counter()
-                tokens[name] = run()
-                times[name].append(time.perf_counter() - start)
+    try:  # the first call of each compiles; the repeats stop at the time limit
+        first_s, times, tokens = harness.round_robin(runs, FLAGS.repeats, stop=lambda: left() < 0)
+        if left() < 0 and min(map(len, times.values())) < FLAGS.repeats:
+            results.skip("batch-1 repeats")
     finally:
         for e in engines.values():
             e.stop()
@@ -272,12 +259,6 @@ def load(hf, weights, clients: list[int], results: Results):
                 proc.wait(10)
 
 
-def gpt2(smoke: bool):
-    torch.manual_seed(0)
-    shape = dict(n_layer=2, n_head=4, n_embd=64) if smoke else {}  # else GPT2Config()'s 124M shape
-    return transformers.GPT2LMHeadModel(transformers.GPT2Config(**shape)).eval()  # random init
-
-
 def main(argv):
     del argv
     if FLAGS.smoke:  # flags given on the command line still win
@@ -286,16 +267,16 @@ def main(argv):
                 FLAGS[name].value = value
     clients = sorted(int(c) for c in FLAGS.clients)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
-    hf = gpt2(FLAGS.smoke)
+    hf = peers.hf_gpt2(**(dict(n_layer=2, n_head=4, n_embd=64) if FLAGS.smoke else {})).eval()  # else 124M
     device = jax.devices()[0]
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
+    env = harness.environment()
     torch_device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     print(f"GPT-2 {'smoke (2 layers, 64 wide)' if FLAGS.smoke else '124M'} (random init); jax {jax.__version__} on "
-          f"{device.device_kind}, torch {torch.__version__} on {torch_device}; {cpu}, {os.cpu_count()} cores; "
-          f"load average {os.getloadavg()[0]:.1f}")
+          f"{device.device_kind}, torch {torch.__version__} on {torch_device}; {env['cpu']}, {env['cores']} cores; "
+          f"load average {env['load']}")
     results = Results(FLAGS.json)
     results.update(smoke=FLAGS.smoke, jax=jax.__version__, jax_device=device.device_kind, torch=torch.__version__,
-                   torch_device=torch_device, cpu=cpu, cores=os.cpu_count(), python=platform.python_version(),
+                   torch_device=torch_device, cpu=env["cpu"], cores=env["cores"], python=env["python"],
                    time_limit_s=FLAGS.time_limit, started=time.strftime("%Y-%m-%dT%H:%M:%S"))
     if FLAGS.batch1:
         prompt = np.random.default_rng(0).integers(0, hf.config.vocab_size, FLAGS.prompt_len).tolist()

@@ -1,30 +1,28 @@
 """Train-step throughput on this CPU, jaxgpt vs PyTorch, f32 and bf16, one table.
 
-    python bench/throughput.py [--shapes=char,124m] [--batch_124m=1] [--steps=5] [--rounds=2] [--torch_compile]
+    python -m bench.throughput [--shapes=char,124m] [--batch_124m=1] [--steps=5] [--rounds=2] [--torch_compile]
 
 Shapes: `char` is nanoGPT's shakespeare_char model (6L/6H/384, T=256, B=12, 65-token vocabulary; jaxgpt pads it
 to 128 rows); `124m` is GPT-2 124M at T=1024 with a small batch (vocabulary 50257, padded to 50304 on both sides
 as nanoGPT does). One step is forward, backward, global-norm clipping and an AdamW update. jaxgpt runs its own
-jitted `jaxgpt.train` step (config.model.dtype float32 or bfloat16: bf16 matmuls accumulating in f32 over f32
-master weights); PyTorch runs HF GPT2LMHeadModel with torch.optim.AdamW, eagerly in f32 and under
+jitted `jaxgpt.step` train step (config.model.dtype float32 or bfloat16: bf16 matmuls accumulating in f32 over f32
+master weights); PyTorch (bench/peers.py) runs HF GPT2LMHeadModel with torch.optim.AdamW, eagerly in f32 and under
 torch.autocast(bfloat16) (and torch.compile'd with --torch_compile). Every figure is the median of --steps timed
 steps after untimed warm-up steps. Each implementation runs in a fresh process (sharing one with the other framework
-slowed jaxgpt's 124M step by ~15%), alternating in ABBA order over --rounds, and the medians are compared: this
-shared machine's speed drifts by 10-20% within half an hour. "of ceiling" divides the achieved FLOP/s (nanoGPT's 6N +
+slows jaxgpt's 124M step), alternating in ABBA order over --rounds, and the medians are compared: a shared machine's
+speed drifts within half an hour (bench/README.md). "of ceiling" divides the achieved FLOP/s (nanoGPT's 6N +
 12LTC per token) by XLA's own big-matmul rate on this machine at that precision, measured here first.
 """
 from __future__ import annotations
 
 import json
-import os
-import platform
 import statistics
 import subprocess
-import time
 
-import fresh
 import numpy as np
 from absl import app, flags
+
+from bench import harness, peers
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("shapes", ["char", "124m"], "Which shapes to run: char, 124m.")
@@ -41,24 +39,6 @@ SHAPES = {  # name -> model shape, batch, tokenizer vocabulary, rows of the PyTo
 DTYPES = ("float32", "bfloat16")
 
 
-def cpu_name() -> str:
-    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    return next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")),
-                platform.processor())
-
-
-def timed(fn, steps: int, warmup: int = 2) -> float:
-    """Median seconds of fn() over `steps` calls after `warmup` untimed ones."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def matmul_ceiling(dtype: str, n: int = 2048) -> float:
     """FLOP/s of one big (n, n) @ (n, n) XLA matmul, bf16 inputs accumulating in f32 for bfloat16."""
     import jax
@@ -66,32 +46,21 @@ def matmul_ceiling(dtype: str, n: int = 2048) -> float:
     a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32).astype(dtype)
     b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32).astype(dtype)
     f = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
-    return 2 * n ** 3 / timed(lambda: f(a, b).block_until_ready(), steps=5)
-
-
-def train_config(shape: dict, batch: int, dtype: str):
-    from configs import base
-    c = base.get_config()
-    c.model.n_layer, c.model.n_head, c.model.n_embd = shape["n_layer"], shape["n_head"], shape["n_embd"]
-    c.model.block_size, c.model.dtype = shape["block_size"], dtype
-    c.batch_size = batch
-    c.optim.b2 = 0.99
-    return c
+    return 2 * n ** 3 / harness.median_seconds(lambda: f(a, b).block_until_ready(), steps=5)
 
 
 def jaxgpt_step(shape: dict, batch: int, dtype: str, flops_per_token: dict):
     import jax
 
-    from jaxgpt import loader, metrics, sharding
+    from jaxgpt import metrics
     from jaxgpt import step as train_step
-    config = train_config(shape, batch, dtype)
-    model_config = loader.model_config(config, shape["vocab"])
-    mesh = sharding.make_mesh(config.mesh)
-    steps = train_step.make_steps(config, model_config, mesh)
+    config = harness.config("base", model__n_layer=shape["n_layer"], model__n_head=shape["n_head"],
+                            model__n_embd=shape["n_embd"], model__block_size=shape["block_size"], model__dtype=dtype,
+                            batch_size=batch, optim__b2=0.99)
+    steps, model_config, mesh = harness.train_steps(config, shape["vocab"])
     state = train_step.fresh_state(steps, model_config, config.seed)
     tokens = np.random.default_rng(0).integers(0, shape["vocab"], (1, 1, batch, shape["block_size"] + 1))
-    batch_arrays = sharding.host_batch_to_global(
-        {"inputs": tokens[..., :-1].astype(np.int32), "targets": tokens[..., 1:].astype(np.int32)}, mesh, batch_axis=2)
+    batch_arrays = harness.global_batch(mesh, tokens.astype(np.int32))
     T, C = shape["block_size"], shape["n_embd"]
     flops_per_token[dtype] = metrics.flops_per_token(steps.n_params, T * C, shape["n_layer"], T, C)
 
@@ -99,30 +68,6 @@ def jaxgpt_step(shape: dict, batch: int, dtype: str, flops_per_token: dict):
         nonlocal state
         state, step_metrics = steps.train_steps(state, batch_arrays)
         jax.block_until_ready(step_metrics)
-    return step
-
-
-def torch_step(shape: dict, batch: int, dtype: str, compiled: bool):
-    import torch
-    import transformers
-    torch.manual_seed(0)
-    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(
-        vocab_size=shape["torch_rows"], n_positions=shape["block_size"], n_embd=shape["n_embd"],
-        n_layer=shape["n_layer"], n_head=shape["n_head"], resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-        activation_function="gelu_new", bos_token_id=None, eos_token_id=None))
-    net = torch.compile(hf) if compiled else hf
-    opt = torch.optim.AdamW(hf.parameters(), lr=1e-4, betas=(0.9, 0.99), weight_decay=0.1)
-    tokens = torch.from_numpy(np.random.default_rng(0).integers(0, shape["vocab"], (batch, shape["block_size"] + 1)))
-    inputs, targets = tokens[:, :-1], tokens[:, 1:]
-
-    def step():
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
-            logits = net(inputs).logits
-            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
-        opt.step()
     return step
 
 
@@ -134,8 +79,8 @@ def run_one(impl: str, name: str, dtype: str) -> dict:
     if impl == "jaxgpt":
         step = jaxgpt_step(shape, batch, dtype, flops_per_token)
     else:
-        step = torch_step(shape, batch, dtype, compiled=impl == "torch_compile")
-    return {"seconds": timed(step, FLAGS.steps), "flops_per_token": flops_per_token.get(dtype)}
+        step = peers.throughput_step(shape, batch, dtype, compiled=impl == "torch_compile")
+    return {"seconds": harness.median_seconds(step, FLAGS.steps), "flops_per_token": flops_per_token.get(dtype)}
 
 
 def main(argv):
@@ -143,12 +88,10 @@ def main(argv):
     if FLAGS.run:
         print(json.dumps(run_one(*FLAGS.run.split(","))))
         return
-    import jax
     import torch
     ceilings = {d: matmul_ceiling(d) for d in DTYPES}
-    print(f"CPU: {cpu_name()}, {os.cpu_count()} cores; jax {jax.__version__}, torch {torch.__version__} "
-          f"({torch.get_num_threads()} threads); each run a fresh process, {FLAGS.rounds} per implementation in "
-          f"ABBA order, medians")
+    print(f"{harness.describe(harness.environment('jax', 'torch'))} ({torch.get_num_threads()} threads); each run "
+          f"a fresh process, {FLAGS.rounds} per implementation in ABBA order, medians")
     print("XLA 2048^3 matmul ceiling: " + ", ".join(f"{d} {c / 1e9:.0f} GFLOP/s" for d, c in ceilings.items()))
     print(f"\n{'shape':18s} {'dtype':9s} {'implementation':22s} {'ms/step':>9s} {'tokens/s':>9s} "
           f"{'GFLOP/s':>8s} {'of ceiling':>10s} {'jaxgpt vs this':>14s}")
@@ -160,10 +103,10 @@ def main(argv):
         label, tokens = f"{name} B={batch} T={shape['block_size']}", batch * shape["block_size"]
         for dtype in DTYPES:
             runs = {impl: [] for impl in impls}
-            for impl in fresh.abba(impls, FLAGS.rounds):
+            for impl in harness.abba(impls, FLAGS.rounds):
                 try:
                     args = (f"--run={impl},{name},{dtype}", *passed)
-                    runs[impl].append(fresh.run_json(os.path.abspath(__file__), *args))
+                    runs[impl].append(harness.run_json("bench.throughput", *args))
                 except subprocess.CalledProcessError as e:
                     if impl != "torch_compile":
                         raise

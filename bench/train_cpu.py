@@ -1,9 +1,9 @@
 """nanoGPT's CPU recipe on tinyshakespeare: jaxgpt vs PyTorch (HF GPT2LMHeadModel + torch.optim.AdamW), and the
 speedrun recipe (configs/shakespeare_char_speedrun.py) and its ablations against jaxgpt's run of the recipe.
 
-    python bench/train_cpu.py [--input=../shared/data/tinyshakespeare.txt] [--steps=N] [--rounds=2]
-    python bench/train_cpu.py --sides=jaxgpt,speedrun --rounds=4          # the speedrun's wall against the recipe's
-    python bench/train_cpu.py --sides=speedrun,speedrun-adamw,... --rounds=1   # ablations (names: ABLATIONS)
+    python -m bench.train_cpu [--input=../shared/data/tinyshakespeare.txt] [--steps=N] [--rounds=2]
+    python -m bench.train_cpu --sides=jaxgpt,speedrun --rounds=4          # the speedrun's wall against the recipe's
+    python -m bench.train_cpu --sides=speedrun,speedrun-adamw,... --rounds=1   # ablations (names: ABLATIONS)
 
 jaxgpt and PyTorch train 4L/4H/128, T=64, B=12, dropout 0, for 2000 steps with AdamW (b2 0.99, weight decay 0.1 on
 2-D weights, clip 1.0) under the same warmup-cosine schedule (1e-3 peak, 100 warmup steps, down to 1e-4 at step
@@ -13,12 +13,13 @@ steps and at the end, saving a checkpoint at each evaluation (as nanoGPT does). 
 while training). The speedrun runs the same `train` on its own config (200 steps of 24 x 64 tokens), evaluating
 once, at the end, on the same 240 val windows (10 batches of 24; the script checks they are the recipe's 20 of 12).
 Wall time covers model build, compilation, training, evaluations and checkpoints; the data is prepared once
-beforehand. The PyTorch model has nanoGPT's 65-row vocabulary (jaxgpt pads to 128 rows). --steps overrides every
+beforehand. The PyTorch side is bench/peers.py's cpu_recipe: HF GPT2LMHeadModel with nanoGPT's 65-row vocabulary
+(jaxgpt pads to 128 rows). --steps overrides every
 side's step count (a smoke run); 0 keeps each config's own.
 
 Each run is a fresh process (no compile cache or allocator state carried over), and the sides alternate in ABBA
-order over --rounds rounds (A, B, B, A, ...): this shared machine's speed drifts by 10-15% over half an hour, and a
-drift then weighs on both sides alike. The ratios compare the medians with the --baseline side's.
+order over --rounds rounds (A, B, B, A, ...): a shared machine's speed drifts over half an hour, and a drift then
+weighs on both sides alike. The ratios compare the medians with the --baseline side's.
 """
 from __future__ import annotations
 
@@ -26,16 +27,15 @@ import json
 import os
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 
-import fresh
 import numpy as np
 from absl import app, flags, logging
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)  # this tree's jaxgpt and configs, whatever is installed
+from bench import harness, peers
+from bench.harness import REPO
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("input", os.path.join(REPO, "..", "shared", "data", "tinyshakespeare.txt"),
                     "tinyshakespeare text file (prepared into --data_dir when that holds no shards).")
@@ -70,11 +70,7 @@ ABLATIONS = {
 
 def side_config(side: str):
     """The training config of a jaxgpt side: the CPU recipe, the speedrun, or an ablation of it."""
-    if side == "jaxgpt":
-        from configs import shakespeare_char_cpu as module
-    else:
-        from configs import shakespeare_char_speedrun as module
-    c = module.get_config()
+    c = harness.config("shakespeare_char_cpu" if side == "jaxgpt" else "shakespeare_char_speedrun")
     if side.startswith("speedrun-"):
         c.update_from_flattened_dict(ABLATIONS[side.removeprefix("speedrun-")])
     c.data.dir, c.data.input = FLAGS.data_dir, FLAGS.input
@@ -100,64 +96,15 @@ def run_jaxgpt(config, workdir: str) -> tuple[float, float]:
     return wall, val[-1]
 
 
-def run_torch(config, workdir: str) -> tuple[float, float]:
-    import torch
-    import transformers
-
-    from jaxgpt import data, optim, tokenizer
-    start = time.perf_counter()
-    torch.manual_seed(config.seed)
-    m = config.model
-    vocab = tokenizer.load_tokenizer(config.data.dir).vocab_size
-    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(
-        vocab_size=vocab, n_positions=m.block_size, n_embd=m.n_embd, n_layer=m.n_layer, n_head=m.n_head,
-        resid_pdrop=m.dropout, embd_pdrop=m.dropout, attn_pdrop=m.dropout, activation_function="gelu_new",
-        bos_token_id=None, eos_token_id=None))
-    model = torch.compile(hf) if FLAGS.torch_compile else hf
-    o = config.optim
-    decayed = [p for p in hf.parameters() if p.dim() >= 2]
-    others = [p for p in hf.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decayed, "weight_decay": o.weight_decay},
-                             {"params": others, "weight_decay": 0.0}], lr=o.lr, betas=(o.b1, o.b2), eps=o.eps)
-    schedule = optim.learning_rate_schedule(o, config.max_steps)
-    lrs = np.asarray([float(schedule(s)) for s in range(config.max_steps)])
-    train_batches = iter(data.make_dataset(data.find_shards(config.data.dir, "train"), block_size=m.block_size,
-                                           batch_size=config.batch_size, seed=config.seed))
-    val_batches = [{k: torch.from_numpy(v.astype(np.int64)) for k, v in b.items()} for b in data.eval_batches(
-        data.find_shards(config.data.dir, "val"), block_size=m.block_size, batch_size=config.batch_size,
-        n_batches=config.eval_iters, seed=config.seed)]
-
-    def loss_of(batch):
-        logits = model(batch["inputs"]).logits
-        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["targets"].flatten())
-
-    val = float("nan")
-    for step in range(config.max_steps):
-        batch = {k: torch.from_numpy(v.astype(np.int64)) for k, v in next(train_batches).items()}
-        for group in opt.param_groups:
-            group["lr"] = lrs[step]
-        loss = loss_of(batch)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(hf.parameters(), o.grad_clip)
-        opt.step()
-        done = step + 1
-        if done % config.eval_every == 0 or done == config.max_steps:
-            hf.eval()
-            with torch.no_grad():
-                val = float(np.mean([loss_of(b).item() for b in val_batches]))
-            hf.train()
-            torch.save({"model": hf.state_dict(), "optimizer": opt.state_dict(), "step": done},
-                       os.path.join(workdir, "ckpt.pt"))
-    return time.perf_counter() - start, val
-
-
 def run_side(side: str) -> dict:
     """One run of one side in this process: {"wall": seconds, "val": final val loss, "steps": steps}."""
     config = recipe_config() if side == "torch" else side_config(side)  # data.dir prepared by the parent process
     workdir = tempfile.mkdtemp(prefix="train_cpu_")
     try:
-        wall, val = (run_torch if side == "torch" else run_jaxgpt)(config, workdir)
+        if side == "torch":
+            wall, val = peers.cpu_recipe(config, workdir, FLAGS.torch_compile)
+        else:
+            wall, val = run_jaxgpt(config, workdir)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     return {"wall": wall, "val": val, "steps": config.max_steps}
@@ -193,29 +140,20 @@ def main(argv):
     names = {"jaxgpt": "jaxgpt", "torch": "PyTorch eager" + (" +compile" if FLAGS.torch_compile else "")}
     runs = {side: [] for side in FLAGS.sides}
     passed = [f"--{name}={getattr(FLAGS, name)}" for name in ("input", "data_dir", "steps", "torch_compile")]
-    print(f"CPU: {cpu_name()}, {os.cpu_count()} CPUs; load average at the start: {load()}", flush=True)
-    for i, side in enumerate(fresh.abba(FLAGS.sides, FLAGS.rounds)):
-        runs[side].append(fresh.run_json(os.path.abspath(__file__), f"--side={side}", *passed))
+    print(harness.describe(harness.environment("jax", "torch")), flush=True)
+    for i, side in enumerate(harness.abba(FLAGS.sides, FLAGS.rounds)):
+        runs[side].append(harness.run_json("bench.train_cpu", f"--side={side}", *passed))
         r = runs[side][-1]
-        print(f"run {i + 1}: {names.get(side, side)} {r['wall']:.1f} s, val loss {r['val']:.4f} (load {load()})",
-              flush=True)
+        print(f"run {i + 1}: {names.get(side, side)} {r['wall']:.1f} s, val loss {r['val']:.4f} "
+              f"(load {harness.load()})", flush=True)
     baseline = FLAGS.baseline or ("torch" if "torch" in runs else FLAGS.sides[0])
     base = statistics.median(r["wall"] for r in runs[baseline])
-    print(f"\n{FLAGS.rounds} run(s) per side in ABBA order, medians; load average at the end: {load()}")
+    print(f"\n{FLAGS.rounds} run(s) per side in ABBA order, medians; load average at the end: {harness.load()}")
     print(f"{'':24s} {'steps':>6s} {'wall s':>8s} {'ms/step':>8s} {'val loss':>9s} {'wall vs ' + baseline:>18s}")
     for side in FLAGS.sides:
         wall, steps = statistics.median(r["wall"] for r in runs[side]), runs[side][-1]["steps"]
         print(f"{names.get(side, side):24s} {steps:6d} {wall:8.1f} {1e3 * wall / steps:8.1f} "
               f"{runs[side][-1]['val']:9.4f} {wall / base:17.2f}x")
-
-
-def cpu_name() -> str:
-    with open("/proc/cpuinfo") as f:
-        return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "unknown")
-
-
-def load() -> str:
-    return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 if __name__ == "__main__":

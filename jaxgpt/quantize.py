@@ -29,7 +29,8 @@ from jaxgpt.errors import UserValueError
 from jaxgpt.model import GPT, Linear, Scale, abstract, merge_lora
 
 WEIGHTS = ("float32", "bfloat16", "int8")
-# The compute dtype over bfloat16 weights: the faster for batch-1 decoding on XLA-CPU (bench/quantize.py measures).
+# The compute dtype over bfloat16 weights: float32 compute would materialise the converted weights at every step,
+# which makes it the slower for batch-1 decoding on XLA-CPU (bench/serve.py times it).
 BF16_COMPUTE = "bfloat16"
 
 

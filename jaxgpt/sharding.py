@@ -88,6 +88,13 @@ def batch_sharding(mesh: Mesh, ndim: int = 2, batch_axis: int = 0) -> NamedShard
     return NamedSharding(mesh, PartitionSpec(*spec))
 
 
+def abstract_batch(mesh: Mesh, shape, batch_axis: int = 0) -> dict:
+    """{"inputs", "targets"}: int32 ShapeDtypeStructs of `shape` sharded over the batch axes at batch_axis, what a
+    step is lowered and compiled from ahead of any data."""
+    spec = batch_sharding(mesh, len(shape), batch_axis)
+    return {k: jax.ShapeDtypeStruct(tuple(shape), np.int32, sharding=spec) for k in ("inputs", "targets")}
+
+
 def batch_shards(mesh: Mesh) -> int:
     """Into how many parts the mesh splits a batch."""
     return math.prod(mesh.shape[a] for a in RULES["batch"])

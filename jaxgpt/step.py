@@ -71,7 +71,7 @@ def train_step(state: TrainState, batch, *, graphdef, tx, schedule, use_dropout:
         grads, losses = jax.lax.scan(micro_step, zeros, (batch["inputs"], batch["targets"], keys))
     if n_micro > 1 or scale is not None:  # the mean over micro-batches, unscaled, in float32
         grads = jax.tree.map(lambda g: g / (n_micro if scale is None else n_micro * scale), grads)
-    with jax.named_scope("optimizer"):  # op names in profiles carry the scope (bench/trace_table.py groups by it)
+    with jax.named_scope("optimizer"):  # op names in profiles carry the scope (bench/gpu/trace_table.py groups by it)
         updates, opt_state = tx.update(grads, state.opt_state, params)
         new_params = optax.apply_updates(params, updates)
     metrics = {"loss": losses.mean(), "grad_norm": optax.global_norm(grads), "lr": schedule(state.step)}

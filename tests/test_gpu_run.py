@@ -1,5 +1,5 @@
-"""bench/gpu_run.py's machinery (each item in its own process group, timeouts, the budget, what comes back) and
-bench/gpu_report.py's tables, on stand-in items that take a second, not on a GPU."""
+"""bench/gpu/run.py's machinery (each item in its own process group, timeouts, the budget, what comes back) and
+bench/gpu/report.py's tables, on stand-in items that take a second, not on a GPU."""
 import json
 import os
 import sys
@@ -8,9 +8,8 @@ import time
 
 import pytest
 
-sys.path.insert(0, "bench")
-import gpu_report  # noqa: E402
-import gpu_run  # noqa: E402
+from bench.gpu import report as gpu_report
+from bench.gpu import run as gpu_run
 
 MODEL = {"n_layer": 12, "n_head": 12, "n_embd": 768, "block_size": 1024, "params": 124_475_904}
 

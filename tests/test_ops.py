@@ -136,7 +136,7 @@ def test_model_in_bfloat16_is_as_close_to_float32_as_the_reference_set(kernels):
 def test_the_backends_attention_equals_xlas_in_bfloat16():
     """attention=auto's choice for bfloat16 (cuDNN's flash attention on a GPU, the blocked kernel elsewhere) against
     XLA's, forward and gradients, at the 124M head shape. bfloat16 keeps 8 bits: they may differ by a few ulps where
-    they round at other points, |a - b| <= 2e-2 (1 + |b|) (bench/gpu_check.py's criterion); a wrong mask, scale or
+    they round at other points, |a - b| <= 2e-2 (1 + |b|) (bench/gpu/check.py's criterion); a wrong mask, scale or
     layout is off by O(1)."""
     implementation = resolve_attention("auto", "bfloat16")
     assert implementation == ("cudnn" if jax.default_backend() == "gpu" else "blocked")

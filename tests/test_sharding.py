@@ -223,3 +223,17 @@ def test_sigterm_to_one_of_two_processes_saves_the_same_step_on_both(data_dir, t
     reached = int(re.search(r"stopped at step (\d+), saved a checkpoint at step \1 in ", outputs[0]).group(1))
     assert reached % 3 == 0 and 12 <= reached < 2000  # after a whole call of 3 steps
     assert [p.name for p in (tmp_path / "two" / "checkpoints").iterdir()] == [str(reached)]  # no temporaries
+
+
+def test_abstract_batch_is_int32_sharded_over_the_batch_axes():
+    """What a step is compiled from ahead of data: inputs and targets of the shape, split at batch_axis only."""
+    from jax.sharding import PartitionSpec
+
+    from jaxgpt import sharding
+    mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+    batch = sharding.abstract_batch(mesh, (1, 4, 2, 8), batch_axis=2)
+    assert sorted(batch) == ["inputs", "targets"]
+    for x in batch.values():
+        assert x.shape == (1, 4, 2, 8) and x.dtype == np.int32
+        assert x.sharding.spec == PartitionSpec(None, None, sharding.RULES["batch"], None)
+        assert x.sharding == sharding.batch_sharding(mesh, 4, batch_axis=2)

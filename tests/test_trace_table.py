@@ -1,5 +1,5 @@
-"""bench/trace_table.py: device time by kind from a real CPU trace of jaxgpt's train step (captured here), and from a
-GPU-like trace written here with the names a CUDA trace carries (cuBLAS/nvjet/Triton GEMMs, cuDNN attention, XLA
+"""bench/gpu/trace_table.py: device time by kind from a real CPU trace of jaxgpt's train step (captured here), and
+from a GPU-like trace written here with the names a CUDA trace carries (cuBLAS/nvjet/Triton GEMMs, cuDNN attention, XLA
 fusions, copies, NCCL) and the derived lines it must not count twice."""
 import gzip
 import json
@@ -11,17 +11,15 @@ import jax
 import numpy as np
 import pytest
 
+from bench.gpu import trace_table
 from jaxgpt import loader, sharding
 from jaxgpt.step import fresh_state, make_steps
-
-sys.path.insert(0, "bench")
-import trace_table  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def cpu_profile(tmp_path_factory):
     """Two steps of configs/tiny.py's train step (batch 4 x 32, 2 micro-batches) under jax.profiler, with the
-    compiled step's HLO beside the trace, as bench/gpu_check.py --profile writes them."""
+    compiled step's HLO beside the trace, as bench/gpu/check.py --profile writes them."""
     from configs import tiny
     config = tiny.get_config()
     config.batch_size, config.grad_accum_steps = 4, 2
@@ -164,17 +162,17 @@ def test_gpu_like_trace_without_hlo_by_names_alone(gpu_profile):
 
 
 def test_tarball_and_cli(gpu_profile, tmp_path):
-    """bench/gpu_run.py brings profiles back as tarballs; the CLI reads them as it reads a directory."""
+    """bench/gpu/run.py brings profiles back as tarballs; the CLI reads them as it reads a directory."""
     tarball = tmp_path / "profile-x.tar.gz"
     with tarfile.open(tarball, "w:gz") as tar:
         for name in ("trace.json.gz", "hlo.txt.gz", "analysis.json"):
             tar.add(gpu_profile / name, arcname=f"profile-x/{name}")
     assert trace_table.summarize(str(tarball))["by_kind"] == trace_table.summarize(str(gpu_profile))["by_kind"]
-    out = subprocess.run([sys.executable, "bench/trace_table.py", str(tarball), "--json", str(tmp_path / "s.json")],
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run([sys.executable, "-m", "bench.gpu.trace_table", str(tarball), "--json",
+                          str(tmp_path / "s.json")], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and "| matmul | 3 | 0.950 |" in out.stdout
     assert json.loads((tmp_path / "s.json").read_text())["steps"] == 2
-    missing = subprocess.run([sys.executable, "bench/trace_table.py", str(tmp_path / "nope")], capture_output=True,
-                             text=True, timeout=60)
+    missing = subprocess.run([sys.executable, "-m", "bench.gpu.trace_table", str(tmp_path / "nope")],
+                             capture_output=True, text=True, timeout=60)
     assert missing.returncode == 1 and missing.stderr.strip().startswith("error:") and "\n" not in \
         missing.stderr.strip()

@@ -68,7 +68,7 @@ class Ops:
         """x (B, T, C) @ embedding (V, C)^T -> float32 logits (B, T, V)."""
         return KERNELS[self.kernels].tied_logits(x, embedding)
 
-    @jax.named_scope("loss")  # op names in profiles carry the scope (bench/trace_table.py groups by it)
+    @jax.named_scope("loss")  # op names in profiles carry the scope (bench/gpu/trace_table.py groups by it)
     def tied_cross_entropy(self, x, embedding, targets, n_valid: int, chunk_tokens: int, softcap: float = 0.0,
                            scale=1.0):
         """The mean cross-entropy of the tied head's logits x (B, T, C) @ embedding (V, C)^T against targets

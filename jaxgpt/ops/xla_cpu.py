@@ -86,7 +86,7 @@ def int8_matmul(x, w, transposed: bool):
 
     XLA-CPU has no fast mixed int8 x float dot: converting w to float inside the program materialises the
     converted copy (slower than the float32 dot), and an int8 dot whose left operand has one row takes a slow
-    path (~90 ms for (1, 768) x (768, 50304), against 5 ms from two rows). So x is quantized too, each row to two
+    path, many times slower than the same dot from two rows. So x is quantized too, each row to two
     int8 digits, x ~= s_hi * hi + s_lo * lo (`int8_rows`: about 16 bits of x's precision), and both digits go
     through ONE int8 x int8 dot of 2N rows accumulated in int32: never one row, and exact, so a row's result
     depends on that row alone, not on the rest of the batch. int32 cannot overflow: each product is at most
@@ -303,8 +303,8 @@ def matmul_nt(x, w):
 
 def _two_rows(product, x):
     """product(x) for x (N, K), with a one-row x padded to two in a half dtype on CPU: there XLA's dot of a
-    one-row half-precision (or int8) left operand takes a slow path, ~90 ms for (1, 768) x (768, 50304) in
-    bfloat16 against 11 ms from two rows (batch-1 decoding)."""
+    one-row half-precision (or int8) left operand takes a slow path, many times slower than the same dot from two
+    rows (batch-1 decoding; bench/RESULTS.md has the figures)."""
     if x.shape[0] != 1 or not _half_on_cpu(x):
         return product(x)
     return product(jnp.concatenate([x, jnp.zeros_like(x)]))[:1]

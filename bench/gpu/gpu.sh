@@ -1,17 +1,17 @@
 #!/usr/bin/env bash
 # The GPU device run, one command from a fresh checkout: installs what is missing, then either
-#   - the check, bench/gpu_check.py (cuDNN against XLA attention, forward and gradients; the 124M bf16 step's
+#   - the check, bench/gpu/check.py (cuDNN against XLA attention, forward and gradients; the 124M bf16 step's
 #     tokens/s, MFU and peak memory; 200 steps of configs/124m.py on synthetic tokens whose loss must fall), which
 #     prints a summary and writes one JSON:
-#       bash bench/gpu.sh [--smoke] [RESULTS_JSON (default gpu_results.json)] [more bench/gpu_check.py flags]
-#   - or, with --all, the whole prepared run, bench/gpu_run.py (issue 23's PyTorch comparison, profiles and variants,
+#       bash bench/gpu/gpu.sh [--smoke] [RESULTS_JSON (default gpu_results.json)] [more bench/gpu/check.py flags]
+#   - or, with --all, the whole prepared run, bench/gpu/run.py (issue 23's PyTorch comparison, profiles and variants,
 #     then `pytest -m gpu`, bench/serve.py and two short training runs, within a time budget; at most 8 files in OUT):
-#       bash bench/gpu.sh --all OUT [--smoke] [more bench/gpu_run.py flags, e.g. --only=... --budget=540]
+#       bash bench/gpu/gpu.sh --all OUT [--smoke] [more bench/gpu/run.py flags, e.g. --only=... --budget=540]
 #
 # Install, in the first case that applies:
 #   - NO_INSTALL=1: nothing.
 #   - every dependency imports at a version pyproject.toml allows: nothing but the project itself (--no-deps).
-#   - WHEELS (default .whl/, made by bench/wheels.sh) holds wheels: the missing dependencies and those older than
+#   - WHEELS (default .whl/, made by bench/gpu/wheels.sh) holds wheels: the missing dependencies and those older than
 #     pyproject.toml's minimum (the GPU image's orbax-checkpoint 0.12.4) from them with pip --no-index, then the
 #     project --no-deps.
 #   - else the registry: `pip install -e ".[cuda13]"` (cuda12 under a CUDA 12 driver; CUDA=cuda12|cuda13 picks)
@@ -21,8 +21,8 @@
 # --smoke: a tiny model, on any backend (a CPU too), to prove the script; its figures mean nothing. PYTHON picks
 # the interpreter (default python3). Run from anywhere; the check writes only RESULTS_JSON and a temporary dir.
 set -euo pipefail
-export GPU_RUN_T0="${GPU_RUN_T0:-$(date +%s.%N)}"  # bench/gpu_run.py's budget counts from here, install included
-REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+export GPU_RUN_T0="${GPU_RUN_T0:-$(date +%s.%N)}"  # bench/gpu/run.py's budget counts from here, install included
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 PYTHON="${PYTHON:-python3}"
 WHEELS="${WHEELS:-$REPO/.whl}"
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"  # runs from the checkout even where the project install fails
@@ -107,22 +107,17 @@ install() {
 
 if [[ "$ALL" == 0 ]]; then
   install
-  exec "$PYTHON" "$REPO/bench/gpu_check.py" "${args[@]}"  # a relative RESULTS_JSON is from the caller's directory
+  exec "$PYTHON" -m bench.gpu.check "${args[@]}"  # PYTHONPATH finds bench; a relative RESULTS_JSON is the caller's
 fi
 
 export GPU_RUN_INSTALL_LOG="${TMPDIR:-/tmp}/jaxgpt_gpu_install.log"
 install 2>&1 | tee "$GPU_RUN_INSTALL_LOG" || echo "note: the install failed (above); the run goes on" \
   | tee -a "$GPU_RUN_INSTALL_LOG"
 "$PYTHON" - <<'EOF' 2>&1 | tee -a "$GPU_RUN_INSTALL_LOG"
-import importlib.metadata as m
+from bench.harness import versions
 names = ("jax", "jaxlib", "jax-cuda13-plugin", "flax", "optax", "orbax-checkpoint", "grain", "torch", "transformers",
          "fastapi", "uvicorn", "pytest")
-found = []
-for n in names:
-    try:
-        found.append(f"{n} {m.version(n)}")
-    except m.PackageNotFoundError:
-        found.append(f"{n} absent")
-print("versions: " + ", ".join(found))
+found = versions(*names)
+print("versions: " + ", ".join(f"{n} {found.get(n, 'absent')}" for n in names))
 EOF
-exec "$PYTHON" "$REPO/bench/gpu_run.py" "${args[@]}"
+exec "$PYTHON" -m bench.gpu.run "${args[@]}"

@@ -1,10 +1,10 @@
 """Device time of a profiled jaxgpt step by kind, from a jax.profiler trace, on any CPU.
 
-    python bench/trace_table.py PROFILE [--hlo=HLO] [--steps=N] [--top=25] [--json=OUT]
+    python -m bench.gpu.trace_table PROFILE [--hlo=HLO] [--steps=N] [--top=25] [--json=OUT]
 
 PROFILE: a perfetto trace (`perfetto_trace.json.gz` of `jax.profiler.trace(..., create_perfetto_trace=True)`, or
-`*.trace.json.gz`), a directory holding one (a profile log dir; bench/gpu_check.py --profile's DIR), or a
-profile-*.tar.gz that bench/gpu_run.py brings back. The optimized HLO text (hlo.txt or hlo.txt.gz beside the trace
+`*.trace.json.gz`), a directory holding one (a profile log dir; bench/gpu/check.py --profile's DIR), or a
+profile-*.tar.gz that bench/gpu/run.py brings back. The optimized HLO text (hlo.txt or hlo.txt.gz beside the trace
 or in the directory given, or --hlo) names what each op is and which named scope it came from; without it, kernel
 and op names alone decide.
 
@@ -239,7 +239,7 @@ def count_steps(table: list, given: int | None, analysis: dict) -> int:
 # ---- the tables
 
 def summarize(path: str, hlo_path: str | None = None, steps: int | None = None, top: int = 25) -> dict:
-    """The whole analysis of one profile as a dict (what --json writes and bench/gpu_report.py reads)."""
+    """The whole analysis of one profile as a dict (what --json writes and bench/gpu/report.py reads)."""
     events, hlo_text, analysis = load(path, hlo_path)
     device, backend = device_events(events)
     table = rows(device, parse_hlo(hlo_text))

@@ -3,30 +3,30 @@ variants of the step), then the GPU-marked tests, the serving benchmark and two 
 in a fresh process with its own timeout, in the order below, while the budget lasts; results and logs land in OUT as
 they come, at most 8 files of under 16 MB (what a device run brings back).
 
-    bash bench/gpu.sh --all OUT [--smoke] [flags below]          (installs what is missing, then runs this)
-    python bench/gpu_run.py OUT [--smoke] [--budget=540] [--only=GLOB,...] [--skip=GLOB,...] [--list]
+    bash bench/gpu/gpu.sh --all OUT [--smoke] [flags below]      (installs what is missing, then runs this)
+    python -m bench.gpu.run OUT [--smoke] [--budget=540] [--only=GLOB,...] [--skip=GLOB,...] [--list]
 
 OUT gets: results.json (every item: status, seconds, its result; rewritten after each item), summary.md (the tables
-bench/gpu_report.py makes of it), logs.tar.gz (every item's log, the tests' JUnit XML, the serving JSON) and one
+bench/gpu/report.py makes of it), logs.tar.gz (every item's log, the tests' JUnit XML, the serving JSON) and one
 profile-NAME.tar.gz per profile (trace.json.gz, hlo.txt.gz, analysis.json, xplane.pb when it fits; read them with
-bench/trace_table.py). A run stopped from outside keeps what it had written.
+bench/gpu/trace_table.py). A run stopped from outside keeps what it had written.
 
 The plan, with each item's estimated seconds on one H200 (--list prints it; estimates, not measurements):
   1. issue 23's core: peer:124m-32x2 (jaxgpt, then the profile, which compiles with command buffers off, then
      PyTorch), the variants gpu and scan, peer:124m-16x4, peer:350m-16x4;
-  2. pytest (`pytest -m gpu`, pass/fail per test), serve (bench/serve.py --json, skipped where it has no --json),
+  2. pytest (`pytest -m gpu`, pass/fail per test), serve (bench/serve.py --json),
      train (200 steps of configs/124m_speedrun.py, skipped where it is missing, and of configs/124m.py);
   3. issue 23's tail: the other variants, two more profiles, a second alternation round (the sides reversed).
-A peer item is one side of one shape: jaxgpt's step (bench/gpu_check.py --worker=step, configs/124m.py or 350m.py
-as they are, micro-batch x accumulation as named) or nanoGPT's (bench/gpu_peer.py), alternating. Variants change
+A peer item is one side of one shape: jaxgpt's step (bench/gpu/check.py --worker=step, configs/124m.py or 350m.py
+as they are, micro-batch x accumulation as named) or nanoGPT's (bench/gpu/peer.py), alternating. Variants change
 config fields (--set) or XLA_FLAGS; the report compares them with the peer jaxgpt item of the same shape.
 An item is skipped when the budget left (from GPU_RUN_T0, which gpu.sh sets before installing) is below its estimate,
 and runs with at most the budget left as its timeout. JAX_COMPILATION_CACHE_DIR (and inductor's and Triton's cache
 directories) are shared by the run's processes, so a program compiled once loads from the cache afterwards; each
 jaxgpt item records its compile time and whether it added cache entries.
 
---smoke: bench/gpu_check.py's tiny model, batches divided by 8, a shorter plan (every part once), torch.compile off
-off a GPU; on a CPU it proves the script end to end in several minutes. Its figures mean nothing.
+--smoke: bench/gpu/check.py's tiny model, batches divided by 8, a shorter plan (every part once), torch.compile off
+off a GPU; on a CPU it proves the script end to end. Its figures mean nothing.
 """
 from __future__ import annotations
 
@@ -34,10 +34,8 @@ import argparse
 import dataclasses
 import datetime
 import fnmatch
-import importlib.metadata
 import json
 import os
-import platform
 import re
 import shlex
 import shutil
@@ -48,13 +46,11 @@ import tarfile
 import time
 import xml.etree.ElementTree as ET
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(HERE)
-sys.path.insert(0, HERE)
-from gpu_check import write_json  # noqa: E402
+from bench import harness
+from bench.harness import REPO, module_command, write_json
 
 MAX_FILE = 15 * 2**20  # a returned file must stay under 16 MiB
-SHAPES = {  # peer shape -> (config, micro-batch, accumulation, gpu_peer.py model)
+SHAPES = {  # peer shape -> (config, micro-batch, accumulation, bench/gpu/peer.py --model)
     "124m-32x2": ("configs/124m.py", 32, 2, "124m"),
     "124m-16x4": ("configs/124m.py", 16, 4, "124m"),
     "350m-16x4": ("configs/350m.py", 16, 4, "350m"),  # 350m.py as it is: scan over layers, remat dots
@@ -129,8 +125,8 @@ def side_items(shape: str, args, work: str, first: str, round_: int = 1) -> list
                          est=(60 if big else 70) if round_ == 1 else 35)
     out = os.path.join(work, f"peer-{shape}-torch{suffix}.json")
     steps = 3 if args.smoke else (10 if big else 20)
-    cmd = [sys.executable, os.path.join(HERE, "gpu_peer.py"), out, f"--model={model}", f"--batch={batch}",
-           f"--accum={accum}", f"--steps={steps}", *(["--smoke"] if args.smoke else [])]
+    cmd = [*module_command("bench.gpu.peer", out, f"--model={model}", f"--batch={batch}", f"--accum={accum}"),
+           f"--steps={steps}", *(["--smoke"] if args.smoke else [])]
     torch_item = Item(f"peer:{shape}:torch{suffix}", "peer", (120 if big else 90) if round_ == 1 else 40, 300, cmd,
                       result_file=out)
     return [jax_item, torch_item] if first == "jaxgpt" else [torch_item, jax_item]
@@ -139,7 +135,7 @@ def side_items(shape: str, args, work: str, first: str, round_: int = 1) -> list
 def step_item(name, part, config, batch, accum, sets, xla_flags, args, work, est, profile_dir=None) -> Item:
     out = os.path.join(work, re.sub(r"[^\w.-]", "_", name) + ".json")
     steps = 3 if args.smoke else (10 if "350m" in config else 20)
-    cmd = [sys.executable, os.path.join(HERE, "gpu_check.py"), out, "--worker=step", f"--config={config}",
+    cmd = [*module_command("bench.gpu.check", out, "--worker=step", f"--config={config}"),
            f"--step_batch={batch}", f"--step_accum={accum}", f"--step_steps={steps}",
            *(f"--set={k}={v}" for k, v in sets.items()), *(["--smoke"] if args.smoke else []),
            *([f"--profile={profile_dir}"] if profile_dir else [])]
@@ -172,7 +168,7 @@ def pytest_item(args, work: str) -> Item:
 
 def serve_item(args, work: str) -> Item:
     out = os.path.join(work, "serve.json")
-    cmd = [sys.executable, os.path.join(HERE, "serve.py"), f"--json={out}", *shlex.split(args.serve_flags)]
+    cmd = module_command("bench.serve", f"--json={out}", *shlex.split(args.serve_flags))
     return Item("serve", "serve", 180, 150 if args.smoke else 300, cmd, ON_DEMAND, result_file=out)
 
 
@@ -180,7 +176,7 @@ def train_item(config: str, args, work: str) -> Item:
     name = os.path.splitext(os.path.basename(config))[0]
     out = os.path.join(work, f"train-{name}.json")
     cap = 400 if args.smoke else 240
-    cmd = [sys.executable, os.path.join(HERE, "gpu_check.py"), out, "--only=train", f"--config={config}",
+    cmd = [*module_command("bench.gpu.check", out, "--only=train", f"--config={config}"),
            f"--timeout={cap - 20}", *(["--smoke"] if args.smoke else [])]
     return Item(f"train:{name}", "train", 80, cap, cmd, result_file=out)
 
@@ -189,12 +185,6 @@ def train_item(config: str, args, work: str) -> Item:
 
 def why_not(item: Item) -> str | None:
     """A reason to skip an item that cannot run in this checkout, before spending time on it."""
-    if item.part == "serve":
-        path = os.path.join(HERE, "serve.py")
-        if not os.path.exists(path):
-            return "bench/serve.py is not in this checkout"
-        if not re.search(r"DEFINE_\w+\(\s*[\"']json[\"']", open(path).read()):
-            return "bench/serve.py has no --json flag in this checkout"
     if item.part == "train":
         config = next(a.split("=", 1)[1] for a in item.cmd if a.startswith("--config="))
         if not os.path.exists(os.path.join(REPO, config)):
@@ -310,17 +300,11 @@ def bundle_logs(work: str, out: str):
 
 
 def environment() -> dict:
-    """Versions of what the run used, the interpreter, and the GPU as nvidia-smi reads it (read only)."""
-    dists = ("jax", "jaxlib", "jax-cuda13-plugin", "jax-cuda12-plugin", "flax", "optax", "orbax-checkpoint", "grain",
-             "numpy", "torch", "triton", "transformers", "fastapi", "uvicorn", "pytest", "tensorstore")
-    versions = {}
-    for d in dists:
-        try:
-            versions[d] = importlib.metadata.version(d)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    env = {"python": platform.python_version(), "host": platform.node(), "versions": versions,
-           "cpu_count": os.cpu_count()}
+    """The machine (bench/harness.py's record, with the versions of what the run used) and the GPU as nvidia-smi
+    reads it (read only)."""
+    env = harness.environment("jax", "jaxlib", "jax-cuda13-plugin", "jax-cuda12-plugin", "flax", "optax",
+                              "orbax-checkpoint", "grain", "numpy", "torch", "triton", "transformers", "fastapi",
+                              "uvicorn", "pytest", "tensorstore")
     if shutil.which("nvidia-smi"):
         query = "name,driver_version,memory.total,clocks.sm,clocks.max.sm,power.limit,temperature.gpu"
         smi = subprocess.run(["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader"], capture_output=True,
@@ -416,12 +400,12 @@ def one_line(record: dict) -> str:
 
 
 def finish(results: dict, out: str):
-    """summary.md from bench/gpu_report.py, printed last (a device run's reply shows the end of the output)."""
+    """summary.md from bench/gpu/report.py, printed last (a device run's reply shows the end of the output)."""
     try:
-        import gpu_report
-        text = gpu_report.report(out)
+        from bench.gpu import report
+        text = report.report(out)
     except Exception as e:  # noqa: BLE001 - the report is a convenience; results.json is what counts
-        text = f"(bench/gpu_report.py failed: {type(e).__name__}: {e})"
+        text = f"(bench/gpu/report.py failed: {type(e).__name__}: {e})"
     with open(os.path.join(out, "summary.md"), "w") as f:
         f.write(text + "\n")
     files = sorted(os.listdir(out))

@@ -1,11 +1,11 @@
-"""Markdown tables for bench/RESULTS.md from what a device run of bench/gpu_run.py brought back, on any CPU.
+"""Markdown tables for bench/RESULTS.md from what a device run of bench/gpu/run.py brought back, on any CPU.
 
-    python bench/gpu_report.py OUT            (OUT: the folder with results.json and the profile-*.tar.gz files)
+    python -m bench.gpu.report OUT            (OUT: the folder with results.json and the profile-*.tar.gz files)
 
 Tables: jaxgpt against PyTorch per shape (ms/step, tokens/s, MFU, peak memory, compile or first-step time, the first
 step's loss, and the tokens/s ratio; a shape run in two rounds shows each side's mean of the rounds' medians);
 the variants against the peer jaxgpt item of their shape (the profiles are variants too: command buffers off);
-device time by kind for each profile (bench/trace_table.py); the GPU-marked tests; the serving benchmark's JSON;
+device time by kind for each profile (bench/gpu/trace_table.py); the GPU-marked tests; the serving benchmark's JSON;
 the training runs; and every item that failed, timed out or was skipped, with why.
 
 MFU: jaxgpt/metrics.py's FLOPs per token (6N + 12 L T d, N without the position embeddings; the same N for nanoGPT,
@@ -19,10 +19,7 @@ import os
 import statistics
 import sys
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-sys.path.insert(0, os.path.dirname(HERE))
-import trace_table  # noqa: E402
+from bench.gpu import trace_table
 
 
 def flops_per_token(model: dict) -> float:
@@ -187,7 +184,7 @@ def report(out: str) -> str:
 
 def main():
     if len(sys.argv) != 2 or not os.path.exists(os.path.join(sys.argv[1], "results.json")):
-        sys.exit("error: usage: python bench/gpu_report.py OUT (a folder holding results.json from bench/gpu_run.py)")
+        sys.exit("error: usage: python -m bench.gpu.report OUT (a folder holding results.json from bench/gpu/run.py)")
     print(report(sys.argv[1]))
 
 

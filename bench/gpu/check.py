@@ -1,6 +1,6 @@
-"""The GPU device check behind bench/gpu.sh: three checks, a printed summary and one JSON of results.
+"""The GPU device check behind bench/gpu/gpu.sh: three checks, a printed summary and one JSON of results.
 
-    python bench/gpu_check.py [RESULTS_JSON (default gpu_results.json)] [--smoke] [--only=attention,step,train]
+    python -m bench.gpu.check [RESULTS_JSON (default gpu_results.json)] [--smoke] [--only=attention,step,train]
         [--config=configs/124m.py] [--set=model.kernels=gpu ...] [--profile=DIR]
 
 attention: jax.nn.dot_product_attention(is_causal=True) with implementation="cudnn" against "xla", in bf16 at the
@@ -10,13 +10,14 @@ attention: jax.nn.dot_product_attention(is_causal=True) with implementation="cud
     (same parameters: the loss and every gradient), and which implementation attention=auto resolves to here.
 step: the 124M train step of configs/124m.py (--config) in bf16, built as jaxgpt/train.py's Trainer builds it
     (make_steps, fresh_state, sharding.host_batch_to_global), on random tokens (`step_tokens`, which
-    bench/gpu_peer.py feeds PyTorch too): compiled (lower + compile, timed), warmed up, then each step timed to
+    bench/gpu/peer.py feeds PyTorch too): compiled (lower + compile, timed), warmed up, then each step timed to
     block_until_ready. Tokens/s, MFU (jaxgpt/metrics.py's FLOPs per token over the datasheet dense bf16 peak of its
     table, H100/H200 989 TFLOP/s; PEAK_FLOPS=... for other devices), and peak device memory (memory_stats()).
-    --set=FIELD=VALUE (repeatable) overrides config fields (the variants of bench/gpu_run.py); XLA_FLAGS from the
+    --set=FIELD=VALUE (repeatable) overrides config fields as --config.FIELD=VALUE would (the variants of
+    bench/gpu/run.py; ml_collections parses them, bench/harness.py's load_config); XLA_FLAGS from the
     environment is recorded. --profile=DIR then traces --profile_steps more steps (jax.profiler, perfetto JSON)
     and writes DIR/trace.json.gz, DIR/xplane.pb, DIR/hlo.txt.gz (the compiled step's optimized HLO) and
-    DIR/analysis.json (cost_analysis, memory_analysis), for bench/trace_table.py.
+    DIR/analysis.json (cost_analysis, memory_analysis), for bench/gpu/trace_table.py.
 train: `python -m jaxgpt.train --config=configs/124m.py` (--config; a missing file is a skip) for 200 steps on
     synthetic tokens a model can learn in that time (a fixed random Markov chain over 512 GPT-2 tokens, about 0.9
     nats per token; uniform tokens could not go below ln 50257), written as llm.c shards with a GPT-2
@@ -39,12 +40,8 @@ from __future__ import annotations
 import argparse
 import datetime
 import glob
-import importlib
-import importlib.metadata
-import importlib.util
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -52,12 +49,13 @@ import time
 
 import numpy as np
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+from bench import harness
+from bench.harness import REPO, write_json
+
 CONFIG = "configs/124m.py"
 VOCAB = 50257  # GPT-2's tokenizer, which configs/124m.py trains with
 # bf16 agreement: elementwise |a - b| <= TOL * (1 + |b|), 2e-2 absolute on unit-scale values and relative on larger
-# ones (gradients reach ~5). bf16 keeps 8 significant bits (one ulp is 2**-8 = 3.9e-3 of the value); the
+# ones (gradients exceed 1). bf16 keeps 8 significant bits (one ulp is 2**-8 = 3.9e-3 of the value); the
 # implementations round scores, probabilities and results to bf16 at different points, a few ulps apart at most,
 # and 2e-2 is ~5 ulps. A wrong mask, scale or layout is off by O(1).
 TOL = 2e-2
@@ -65,7 +63,7 @@ TOL = 2e-2
 # relative distance ||g_a - g_b|| / ||g_b||, per parameter and over all of them.
 MODEL_LOSS_TOL = 1e-2
 MODEL_GRAD_TOL = 2e-2
-SMOKE_MODEL = dict(n_layer=2, n_head=2, n_embd=64, block_size=64)  # --smoke's model (bench/gpu_peer.py's too)
+SMOKE_MODEL = dict(n_layer=2, n_head=2, n_embd=64, block_size=64)  # --smoke's model (bench/gpu/peer.py's too)
 
 
 def main():
@@ -87,13 +85,13 @@ def main():
     p.add_argument("--profile", help="step check: also write a profile of --profile_steps steps into this dir")
     p.add_argument("--profile_steps", type=int, default=3)
     p.add_argument("--worker", help=argparse.SUPPRESS)  # internal: run this one check here, write its JSON to out
-    if "--smoke" in sys.argv[1:]:  # a minute or two on 2 CPU cores; flags given still win
+    if "--smoke" in sys.argv[1:]:  # small enough for a 2-core CPU; flags given still win
         p.set_defaults(step_batch=4, step_accum=2, step_steps=3, train_steps=60, train_batch=8, min_fall=0.5)
     args = p.parse_args()
     args.set = dict(parse_set(item) for item in args.set)
     if args.worker:
         result = {"attention": check_attention, "step": check_step}[args.worker](args)
-        result["env"] = environment()
+        result["env"] = harness.jax_device()
         write_json(args.out, result)
         return
 
@@ -101,8 +99,8 @@ def main():
     if unknown := set(checks) - {"attention", "step", "train"}:
         sys.exit(f"error: --only names unknown checks {sorted(unknown)}")
     results = {"smoke": args.smoke, "started": datetime.datetime.now().isoformat(timespec="seconds"),
-               "python": platform.python_version(), "host": platform.node(), "tolerance": TOL, "checks": {}}
-    results["jax"] = importlib.metadata.version("jax")  # the workers add the device's details
+               **harness.environment("jax"), "tolerance": TOL, "checks": {}}
+    results["jax"] = results["versions"]["jax"]  # the workers add the device's details
     t0 = time.perf_counter()
     for name in checks:
         print(f"--- {name}", flush=True)
@@ -129,7 +127,7 @@ def run_worker(name: str, args) -> dict:
     """One check in a fresh process (this file with --worker), its result read back from a temporary JSON."""
     with tempfile.TemporaryDirectory() as tmp:
         part = os.path.join(tmp, "part.json")
-        cmd = [sys.executable, os.path.abspath(__file__), part, f"--worker={name}", *(["--smoke"] * args.smoke),
+        cmd = [*harness.module_command("bench.gpu.check", part, f"--worker={name}"), *(["--smoke"] * args.smoke),
                f"--step_batch={args.step_batch}", f"--step_accum={args.step_accum}", f"--step_steps={args.step_steps}",
                f"--config={args.config}", *(f"--set={k}={v}" for k, v in args.set.items()),
                *([f"--profile={args.profile}", f"--profile_steps={args.profile_steps}"] if args.profile else [])]
@@ -139,20 +137,6 @@ def run_worker(name: str, args) -> dict:
             return {"passed": False, "error": f"exit status {proc.returncode}", "log_tail": proc.stdout[-3000:]}
         with open(part) as f:
             return json.load(f)
-
-
-def environment() -> dict:
-    import jax
-    import jaxlib
-    d = jax.devices()[0]
-    return {"jax": jax.__version__, "jaxlib": jaxlib.__version__, "backend": jax.default_backend(),
-            "device_kind": d.device_kind, "device_count": jax.device_count()}
-
-
-def write_json(path: str, obj):
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(path + ".tmp", path)
 
 
 def compare(a, b) -> dict:
@@ -242,46 +226,17 @@ def check_model_attention(test: str, smoke: bool) -> dict:
 
 
 def parse_set(item: str) -> tuple[str, str]:
-    """--set=FIELD=VALUE -> (FIELD, VALUE as text; load_config converts it to the field's type)."""
+    """--set=FIELD=VALUE -> (FIELD, VALUE as text; harness.load_config converts it to the field's type)."""
     field, sep, value = item.partition("=")
     if not sep or not field:
         sys.exit(f"error: --set={item!r}: expected FIELD=VALUE, e.g. --set=model.kernels=gpu")
     return field, value
 
 
-def read_config(path: str):
-    """The ConfigDict of a config file (configs/*.py, by path as jaxgpt.train takes it)."""
-    full = path if os.path.isabs(path) else os.path.join(REPO, path)
-    spec = importlib.util.spec_from_file_location("gpu_check_config", full)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
-
-
-def load_config(path: str, overrides: dict):
-    """The config file with `overrides` ({dotted field: value}) set; text values take the field's type."""
-    config = read_config(path)
-    for dotted, value in overrides.items():
-        *parents, leaf = dotted.split(".")
-        node = config
-        for name in parents:
-            node = node[name]
-        if leaf not in node:
-            sys.exit(f"error: {path} has no field {dotted}")
-        node[leaf] = typed(value, node[leaf]) if isinstance(value, str) else value
-    return config
-
-
-def typed(text: str, current):
-    if isinstance(current, bool):
-        return text.lower() in ("1", "true", "yes")
-    return type(current)(text) if isinstance(current, (int, float)) else text
-
-
 def overrides(args, *, batch: int, accum: int) -> dict:
-    """The config fields the check sets, for load_config and as --config.FIELD=VALUE flags alike: the batch, then
-    the smoke model (with --smoke), then --set."""
-    base = read_config(args.config)
+    """The config fields the check sets, for harness.load_config and as --config.FIELD=VALUE flags alike: the batch,
+    then the smoke model (with --smoke), then --set."""
+    base = harness.load_config(args.config)
     o = {"batch_size": batch, "grad_accum_steps": accum}
     for name in ("device_batch_size", "tokens_per_step"):  # they would derive batch_size and grad_accum_steps
         if name in base:
@@ -296,45 +251,36 @@ def overrides(args, *, batch: int, accum: int) -> dict:
 
 def step_tokens(accum: int, batch: int, block_size: int) -> np.ndarray:
     """One optimizer step's random tokens (1, accum, batch, block_size + 1), int32: the same for every process of
-    a run, jaxgpt's and PyTorch's (bench/gpu_peer.py)."""
+    a run, jaxgpt's and PyTorch's (bench/gpu/peer.py)."""
     return np.random.default_rng(0).integers(0, VOCAB, (1, accum, batch, block_size + 1), dtype=np.int32)
 
 
 def check_step(args) -> dict:
     import jax
 
-    from jaxgpt import loader, metrics, sharding
+    from jaxgpt import metrics
     from jaxgpt.ops import resolve_attention
-    from jaxgpt.step import fresh_state, make_steps
+    from jaxgpt.step import fresh_state
 
-    config = load_config(args.config, overrides(args, batch=args.step_batch, accum=args.step_accum))
-    mc = loader.model_config(config, VOCAB)
-    mesh = sharding.make_mesh(config.mesh)
-    steps = make_steps(config, mc, mesh)
+    config = harness.load_config(args.config, overrides(args, batch=args.step_batch, accum=args.step_accum))
+    steps, mc, mesh = harness.train_steps(config, VOCAB)
     state = fresh_state(steps, mc, config.seed)
     A, B, T = config.grad_accum_steps, config.batch_size, mc.block_size
-    tokens = step_tokens(A, B, T)
-    batch = sharding.host_batch_to_global({"inputs": tokens[..., :-1], "targets": tokens[..., 1:]}, mesh,
-                                          batch_axis=2)
-    start = time.perf_counter()
-    compiled = steps.train_steps.lower(state, batch).compile()  # from JAX_COMPILATION_CACHE_DIR when there
-    compile_s = time.perf_counter() - start
+    batch = harness.global_batch(mesh, step_tokens(A, B, T))
+    compiled, trace_s, xla_s = harness.compile_step(steps, mesh, (1, A, B, T))  # from JAX_COMPILATION_CACHE_DIR
+    holder = [state]
 
     def one_step(state):
         state, step_metrics = compiled(state, batch)
         jax.block_until_ready((state, step_metrics))
         return state, float(step_metrics["loss"][0])
 
-    losses, times = [], []
-    for _ in range(4 + args.step_steps):  # the first step, 3 warm-up steps, the timed steps
-        start = time.perf_counter()
-        state, loss = one_step(state)
-        times.append(time.perf_counter() - start)
-        losses.append(loss)
-    first_s, times = times[0], times[4:]
-    step_s = float(np.median(times))
-    tokens_per_step = A * B * T
-    tok_s = tokens_per_step / step_s
+    def next_step():
+        holder[0], loss = one_step(holder[0])
+        return loss
+
+    timing, losses = harness.step_timing(next_step, args.step_steps, A * B * T)
+    state, tok_s = holder[0], timing["tokens_per_s"]
     fpt = metrics.flops_per_token(steps.n_params, mc.n_lookup_params, mc.n_layer, mc.block_size, mc.n_embd)
     peak = metrics.peak_flops_per_device(float(os.environ.get("PEAK_FLOPS", 0)))
     stats = jax.local_devices()[0].memory_stats() or {}
@@ -344,9 +290,7 @@ def check_step(args) -> dict:
                   "params": steps.n_params, "dtype": mc.dtype, "attention": resolve_attention(mc.attention, mc.dtype),
                   "kernels": mc.kernels, "scan_layers": mc.scan_layers, "remat": mc.remat,
                   "loss_chunk": mc.loss_chunk},
-        "batch_size": B, "grad_accum_steps": A, "tokens_per_step": tokens_per_step, "compile_s": compile_s,
-        "first_step_s": first_s, "timed_steps": len(times), "step_ms_median": 1e3 * step_s,
-        "step_ms_min": 1e3 * min(times), "step_ms_max": 1e3 * max(times), "tokens_per_s": tok_s,
+        "batch_size": B, "grad_accum_steps": A, "compile_s": trace_s + xla_s, **timing,
         "flops_per_token": fpt, "peak_flops_per_device": peak,
         "mfu": fpt * tok_s / (peak * jax.device_count()) if peak else None,
         "peak_bytes_in_use": stats.get("peak_bytes_in_use"), "bytes_limit": stats.get("bytes_limit"),
@@ -412,7 +356,7 @@ def markov_tokens(n: int, seed: int, *, states: int = 512, chains: int = 256) ->
 def train_flags(args) -> list[str]:
     """--config.FIELD=VALUE flags: the check's batch and --set, 200 steps of the config's own schedule (its decay
     steps kept), logging every step, one evaluation at the end; run-time extras only where the config has them."""
-    base = read_config(args.config)
+    base = harness.load_config(args.config)
     o = overrides(args, batch=args.train_batch, accum=args.train_accum)
     extras = {"max_steps": args.train_steps, "optim.decay_steps": base.optim.get("decay_steps") or base.max_steps,
               "log_every": 1, "eval_every": args.train_steps, "eval_iters": 2, "sample_tokens": 0,
@@ -437,7 +381,7 @@ def run_train(args) -> dict:
 
     if not os.path.exists(os.path.join(REPO, args.config)):
         return {"skipped": f"{args.config} does not exist in this checkout"}
-    config = load_config(args.config, overrides(args, batch=args.train_batch, accum=args.train_accum))
+    config = harness.load_config(args.config, overrides(args, batch=args.train_batch, accum=args.train_accum))
     with tempfile.TemporaryDirectory() as tmp:
         data_dir, workdir = os.path.join(tmp, "data"), os.path.join(tmp, "run")
         os.makedirs(data_dir)
