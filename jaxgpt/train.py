@@ -12,7 +12,6 @@ import os
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import flags, logging
 from flax import nnx
@@ -134,15 +133,13 @@ class Trainer:
         `.result()` re-raises a compile error."""
         c, mc = self.config, self.model_config
 
-        def batch(shape, batch_axis):
-            spec = sharding.batch_sharding(self.mesh, len(shape), batch_axis)
-            return {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=spec) for k in ("inputs", "targets")}
-
         def compile_both():
-            self.steps.train_steps.lower(
-                self.steps.abstract_state, batch((n, c.grad_accum_steps, c.batch_size, mc.block_size), 2)).compile()
-            self.steps.eval_loss.lower(self.steps.abstract_state.params, batch(self.val_batches["inputs"].shape, 1)
-                                       ).compile()
+            train_shape = (n, c.grad_accum_steps, c.batch_size, mc.block_size)
+            self.steps.train_steps.lower(self.steps.abstract_state,
+                                         sharding.abstract_batch(self.mesh, train_shape, 2)).compile()
+            val_shape = self.val_batches["inputs"].shape
+            self.steps.eval_loss.lower(self.steps.abstract_state.params,
+                                       sharding.abstract_batch(self.mesh, val_shape, 1)).compile()
         pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="compile_ahead")
         future = pool.submit(compile_both)
         pool.shutdown(wait=False)
