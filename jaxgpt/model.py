@@ -3,9 +3,10 @@
 Parameter names follow Hugging Face's GPT2LMHeadModel (wte, wpe, h, ln_1, attn.c_attn, attn.c_proj, ln_2,
 mlp.c_fc, mlp.c_proj, ln_f); kernels are stored [in..., out...] with heads as their own axis, (C, 3, H, D) for
 c_attn, so tensor parallelism splits whole heads and the bridge is a reshape. The modern blocks are config
-switches beside GPT-2's: RMSNorm, SwiGLU (mlp.c_gate), rotary positions, grouped-query attention (attn.q_proj,
-k_proj, v_proj, as HF Llama) and an untied head (lm_head); so are the speedrun's (modded-nanogpt's): QK-norm, ReLU^2,
-logit soft-capping, zero-initialised projections and value embeddings (value_embeds, attn.value_mix).
+switches beside GPT-2's, each picking a layer or function when the model is built (no __call__ branches on one):
+RMSNorm, SwiGLU (mlp.c_gate), rotary positions, grouped-query attention (attn.q_proj, k_proj, v_proj, as HF Llama)
+and an untied head (lm_head); so are the speedrun's (modded-nanogpt's): QK-norm, ReLU^2, logit soft-capping,
+zero-initialised projections and value embeddings (value_embeds, attn.value_mix).
 Every parameter names its logical axes ('embed', 'mlp', ...); jaxgpt/sharding.py maps them onto a mesh.
 Compute runs in `config.dtype` over `config.param_dtype` weights, through the kernels of jaxgpt/ops.
 """
@@ -187,7 +188,7 @@ class Linear(nnx.Module):
 
     def __init__(self, d_in, d_out, axes, config: GPTConfig, *, rngs: nnx.Rngs, std: float | None = None,
                  lora: str | None = None):
-        d_in, d_out = _shape(d_in), _shape(d_out)
+        d_in, d_out = as_shape(d_in), as_shape(d_out)
         init = jax.nn.initializers.normal(config.init_std if std is None else std)
         self.kernel = param(init, axes, (*d_in, *d_out), config, rngs)
         self.bias = (param(jax.nn.initializers.zeros, axes[len(d_in):], d_out, config, rngs) if config.bias
@@ -217,7 +218,7 @@ class Linear(nnx.Module):
         return y + (self.lora_scale * self.ops.dense(h, self.lora_b[...], None, 1)).astype(y.dtype)
 
 
-def _shape(d) -> tuple[int, ...]:
+def as_shape(d) -> tuple[int, ...]:
     return (d,) if isinstance(d, int) else tuple(d)
 
 
@@ -253,20 +254,42 @@ class RMSNorm(nnx.Module):
         return y.astype(self.dtype)
 
 
-def Norm(config: GPTConfig, *, rngs: nnx.Rngs):
-    return (LayerNorm if config.norm == "layernorm" else RMSNorm)(config, rngs=rngs)
+def norm_layer(config: GPTConfig, *, rngs: nnx.Rngs) -> LayerNorm | RMSNorm:
+    """The norm config.norm names: GPT-2's LayerNorm or Llama's RMSNorm."""
+    return {"layernorm": LayerNorm, "rmsnorm": RMSNorm}[config.norm](config, rngs=rngs)
 
 
-def rope(x, positions, theta: float):
+@dataclasses.dataclass(frozen=True)
+class Rotary:
     """Rotary positions on x (B, T, heads, D) at positions (B or 1, T), HF Llama's convention: the two halves of
-    the head dim are the two coordinates of each rotated pair."""
-    D = x.shape[-1]
-    inv_freq = 1.0 / theta ** (jnp.arange(0, D, 2, dtype=jnp.float32) / D)  # (D/2,)
-    angles = positions[..., None].astype(jnp.float32) * inv_freq  # (B, T, D/2)
-    cos, sin = (jnp.concatenate([f(angles)] * 2, -1)[:, :, None] for f in (jnp.cos, jnp.sin))  # (B, T, 1, D)
-    x32 = x.astype(jnp.float32)
-    rotated = jnp.concatenate([-x32[..., D // 2:], x32[..., :D // 2]], -1)
-    return (x32 * cos + rotated * sin).astype(x.dtype)
+    the head dim are the two coordinates of each rotated pair. A value, as SoftCap is."""
+    theta: float
+
+    def __call__(self, x, positions):
+        D = x.shape[-1]
+        inv_freq = 1.0 / self.theta ** (jnp.arange(0, D, 2, dtype=jnp.float32) / D)  # (D/2,)
+        angles = positions[..., None].astype(jnp.float32) * inv_freq  # (B, T, D/2)
+        cos, sin = (jnp.concatenate([f(angles)] * 2, -1)[:, :, None] for f in (jnp.cos, jnp.sin))  # (B, T, 1, D)
+        x32 = x.astype(jnp.float32)
+        rotated = jnp.concatenate([-x32[..., D // 2:], x32[..., :D // 2]], -1)
+        return (x32 * cos + rotated * sin).astype(x.dtype)
+
+
+def unrotated(x, positions):
+    """Learned positions: they were added to the embeddings (add_learned_positions); queries and keys stay."""
+    del positions
+    return x
+
+
+def add_learned_positions(model: GPT, x, positions):
+    """GPT-2: each token's embedding plus its position's row of wpe."""
+    return x + model.wpe(positions)
+
+
+def add_no_positions(model: GPT, x, positions):
+    """Rotary positions: the embeddings stay; each attention turns its queries and keys (Rotary)."""
+    del model, positions
+    return x
 
 
 def rms_normalize(x):
@@ -322,81 +345,127 @@ def keep_values(v, ve):
     return v
 
 
-class CausalSelfAttention(nnx.Module):
-    def __init__(self, config: GPTConfig, *, rngs: nnx.Rngs):
-        C, H, D, K = config.n_embd, config.n_head, config.head_dim, config.n_kv_head
-        if K:  # separate projections: each of the K key/value heads serves H // K query heads
-            self.q_proj = Linear(C, (H, D), ("embed", "heads", None), config, rngs=rngs, lora="attn")
-            self.k_proj = Linear(C, (K, D), ("embed", "kv_heads", None), config, rngs=rngs, lora="attn")
-            self.v_proj = Linear(C, (K, D), ("embed", "kv_heads", None), config, rngs=rngs, lora="attn")
-        else:
-            self.c_attn = Linear(C, (3, H, D), ("embed", None, "heads", None), config, rngs=rngs, lora="attn")
-        self.c_proj = Linear((H, D), C, ("heads", None, "embed"), config, rngs=rngs, lora="attn",
-                             std=proj_std(config))
+class Attention(nnx.Module):
+    """What follows the projections in every attention: QK-norm, the value mix, rotary positions, causal attention
+    (or the KV cache's) and c_proj, each picked once here. The subclasses own the projections of q, k and v."""
+
+    def __init__(self, config: GPTConfig, *, rngs: nnx.Rngs):  # after the subclass's projections: the init order
+        self.c_proj = Linear((config.n_head, config.head_dim), config.n_embd, ("heads", None, "embed"), config,
+                             rngs=rngs, lora="attn", std=proj_std(config))
         self.qk_norm = rms_normalize if config.qk_norm else identity
         self.value_mix = ValueMix(config, rngs=rngs) if config.value_embeds else keep_values
-        # GPT-2's path hands c_attn's output to one fused kernel: nothing acts on q, k or v on the way
-        self.fused = not K and config.positions == "learned" and not config.qk_norm and not config.value_embeds
-        self.config, self.ops = config, Ops.of(config)
+        self.rotate = Rotary(config.rope_theta) if config.positions == "rope" else unrotated
+        self.ops = Ops.of(config)
 
-    def __call__(self, x, positions, cache=None, lora_key=None, ve=None):
-        """ve: this layer's value embedding (B, T, kv heads, D) when the model has value_embeds."""
-        cfg = self.config
-        keys = _keys(lora_key, 4)
-        if cfg.n_kv_head:  # (B, T, H, D), (B, T, K, D) twice
-            q, k, v = self.q_proj(x, keys[0]), self.k_proj(x, keys[1]), self.v_proj(x, keys[2])
-        else:
-            qkv = self.c_attn(x, keys[0])  # (B, T, 3, H, D)
-            if self.fused and cache is None:
-                return self.c_proj(self.ops.causal_attention(qkv), keys[3]), cache
-            q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        q, k, v = self.qk_norm(q), self.qk_norm(k), self.value_mix(v, ve)
-        if cfg.positions == "rope":
-            q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
+    def attend(self, q, k, v, positions, cache, proj_key, value_embed):
+        """q (B, T, H, D), k and v (B, T, K, D) -> (c_proj of the heads' outputs (B, T, C), cache)."""
+        q, k, v = self.qk_norm(q), self.qk_norm(k), self.value_mix(v, value_embed)
+        q, k = self.rotate(q, positions), self.rotate(k, positions)
         if cache is None:
             y = self.ops.causal_attention_gqa(q, k, v)  # (B, T, H, D)
         else:  # q attends to the cached keys and values: jaxgpt/generate.py
             y, cache = cache.attend(q, k, v, self.ops)
-        return self.c_proj(y, keys[3]), cache  # heads merged back: (B, T, C)
+        return self.c_proj(y, proj_key), cache  # heads merged back: (B, T, C)
 
 
-def _keys(key, n: int):
+class CausalSelfAttention(Attention):
+    """GPT-2's: one c_attn (C, 3, H, D) projects queries, keys and values together."""
+
+    def __init__(self, config: GPTConfig, *, rngs: nnx.Rngs):
+        C, H, D = config.n_embd, config.n_head, config.head_dim
+        self.c_attn = Linear(C, (3, H, D), ("embed", None, "heads", None), config, rngs=rngs, lora="attn")
+        super().__init__(config, rngs=rngs)
+        # GPT-2's path hands c_attn's output to one fused kernel: nothing acts on q, k or v on the way
+        self.fused = self.qk_norm is identity and self.value_mix is keep_values and self.rotate is unrotated
+
+    def __call__(self, x, positions, cache=None, lora_key=None, value_embed=None):
+        """value_embed: this layer's value embedding (B, T, H, D) when the model has value_embeds."""
+        keys = split_key(lora_key, 4)  # as GroupedQueryAttention's: c_attn takes the first, c_proj the last
+        qkv = self.c_attn(x, keys[0])  # (B, T, 3, H, D)
+        if self.fused and cache is None:
+            return self.c_proj(self.ops.causal_attention(qkv), keys[3]), cache
+        return self.attend(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], positions, cache, keys[3], value_embed)
+
+
+class GroupedQueryAttention(Attention):
+    """HF Llama's: separate q_proj, k_proj and v_proj; each of the K = n_kv_head key/value heads serves H // K
+    query heads."""
+
+    def __init__(self, config: GPTConfig, *, rngs: nnx.Rngs):
+        C, H, D, K = config.n_embd, config.n_head, config.head_dim, config.n_kv_head
+        self.q_proj = Linear(C, (H, D), ("embed", "heads", None), config, rngs=rngs, lora="attn")
+        self.k_proj = Linear(C, (K, D), ("embed", "kv_heads", None), config, rngs=rngs, lora="attn")
+        self.v_proj = Linear(C, (K, D), ("embed", "kv_heads", None), config, rngs=rngs, lora="attn")
+        super().__init__(config, rngs=rngs)
+
+    def __call__(self, x, positions, cache=None, lora_key=None, value_embed=None):
+        """value_embed: this layer's value embedding (B, T, K, D) when the model has value_embeds."""
+        keys = split_key(lora_key, 4)
+        q, k, v = self.q_proj(x, keys[0]), self.k_proj(x, keys[1]), self.v_proj(x, keys[2])  # (B, T, H or K, D)
+        return self.attend(q, k, v, positions, cache, keys[3], value_embed)
+
+
+def attention_layer(config: GPTConfig, *, rngs: nnx.Rngs) -> Attention:
+    """GPT-2's fused c_attn (n_kv_head=0), or separate q/k/v projections with n_kv_head key/value heads."""
+    return (GroupedQueryAttention if config.n_kv_head else CausalSelfAttention)(config, rngs=rngs)
+
+
+def split_key(key, n: int):
+    """n keys from key, or n Nones (no key: no dropout)."""
     return list(jax.random.split(key, n)) if key is not None else [None] * n
 
 
 class MLP(nnx.Module):
+    """GPT-2's: c_proj(activation(c_fc(x))), the activation GELU (mlp=gelu) or relu(.)^2 (mlp=relu2)."""
+
     def __init__(self, config: GPTConfig, *, rngs: nnx.Rngs):
         C, F = config.n_embd, config.mlp_dim
-        if config.mlp == "swiglu":
-            self.c_gate = Linear(C, F, ("embed", "mlp"), config, rngs=rngs, lora="mlp")
         self.c_fc = Linear(C, F, ("embed", "mlp"), config, rngs=rngs, lora="mlp")
         self.c_proj = Linear(F, C, ("mlp", "embed"), config, rngs=rngs, lora="mlp", std=proj_std(config))
-        self.swiglu, self.ops = config.mlp == "swiglu", Ops.of(config)
-        self.activation = self.ops.relu2 if config.mlp == "relu2" else self.ops.gelu
+        # Ops' method itself, not bound: a bound method is equal only to itself, and two models' graphdefs would differ
+        self.activation, self.ops = {"gelu": Ops.gelu, "relu2": Ops.relu2}[config.mlp], Ops.of(config)
 
     def __call__(self, x, lora_key=None):
-        k_gate, k_fc, k_proj = _keys(lora_key, 3)
-        if self.swiglu:
-            return self.c_proj(jax.nn.silu(self.c_gate(x, k_gate)) * self.c_fc(x, k_fc), k_proj)  # through (B, T, F)
-        return self.c_proj(self.activation(self.c_fc(x, k_fc)), k_proj)  # through (B, T, F)
+        _, k_fc, k_proj = split_key(lora_key, 3)  # as SwiGLU's three: an adapter draws alike in both
+        return self.c_proj(self.activation(self.ops, self.c_fc(x, k_fc)), k_proj)  # through (B, T, F)
+
+
+class SwiGLU(nnx.Module):
+    """Llama's gated MLP: c_proj(silu(c_gate(x)) * c_fc(x))."""
+
+    def __init__(self, config: GPTConfig, *, rngs: nnx.Rngs):
+        C, F = config.n_embd, config.mlp_dim
+        self.c_gate = Linear(C, F, ("embed", "mlp"), config, rngs=rngs, lora="mlp")
+        self.c_fc = Linear(C, F, ("embed", "mlp"), config, rngs=rngs, lora="mlp")
+        self.c_proj = Linear(F, C, ("mlp", "embed"), config, rngs=rngs, lora="mlp", std=proj_std(config))
+
+    def __call__(self, x, lora_key=None):
+        k_gate, k_fc, k_proj = split_key(lora_key, 3)
+        return self.c_proj(jax.nn.silu(self.c_gate(x, k_gate)) * self.c_fc(x, k_fc), k_proj)  # through (B, T, F)
+
+
+def mlp_layer(config: GPTConfig, *, rngs: nnx.Rngs) -> MLP | SwiGLU:
+    """The MLP config.mlp names: gelu and relu2 in GPT-2's two-layer form, swiglu Llama's gated one."""
+    return (SwiGLU if config.mlp == "swiglu" else MLP)(config, rngs=rngs)
 
 
 class Block(nnx.Module):
     def __init__(self, config: GPTConfig, *, rngs: nnx.Rngs):
-        self.ln_1 = Norm(config, rngs=rngs)
-        self.attn = CausalSelfAttention(config, rngs=rngs)
-        self.ln_2 = Norm(config, rngs=rngs)
-        self.mlp = MLP(config, rngs=rngs)
-        self.rate = config.dropout
-        self.lora_dropout = config.lora_rank > 0 and config.lora_dropout > 0
+        self.ln_1 = norm_layer(config, rngs=rngs)
+        self.attn = attention_layer(config, rngs=rngs)
+        self.ln_2 = norm_layer(config, rngs=rngs)
+        self.mlp = mlp_layer(config, rngs=rngs)
+        self.dropout_rate = config.dropout
+        self.has_lora_dropout = config.lora_rank > 0 and config.lora_dropout > 0
 
-    def __call__(self, x, positions, key=None, cache=None, ve=None):
+    def __call__(self, x, positions, key=None, cache=None, value_embed=None):
         k1, k2 = jax.random.split(key) if key is not None else (None, None)
         # the adapters' dropout draws from its own fold of the key: the residual dropout stays as without LoRA
-        lora_attn, lora_mlp = _keys(jax.random.fold_in(key, 1) if key is not None and self.lora_dropout else None, 2)
-        y, cache = self.attn(self.ln_1(x), positions, cache, lora_attn, ve)
-        x = x + dropout(y, self.rate, k1)
-        x = x + dropout(self.mlp(self.ln_2(x), lora_mlp), self.rate, k2)
+        lora_key = jax.random.fold_in(key, 1) if key is not None and self.has_lora_dropout else None
+        lora_attn, lora_mlp = split_key(lora_key, 2)
+        y, cache = self.attn(self.ln_1(x), positions, cache, lora_attn, value_embed)
+        x = x + dropout(y, self.dropout_rate, k1)
+        x = x + dropout(self.mlp(self.ln_2(x), lora_mlp), self.dropout_rate, k2)
         return sharding.constrain(x, ("batch", None, None)), cache  # residual stream split by batch only
 
 
@@ -406,6 +475,7 @@ class GPT(nnx.Module):
         self.wte = Embed(config.vocab_size, ("vocab", "embed"), config, rngs=rngs)
         if config.positions == "learned":
             self.wpe = Embed(config.block_size, ("position", "embed"), config, rngs=rngs)
+        self.add_positions = add_learned_positions if config.positions == "learned" else add_no_positions
         if config.scan_layers:  # one Block whose parameters carry a leading (n_layer,) 'layers' axis
             @nnx.split_rngs(splits=config.n_layer)
             @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
@@ -414,7 +484,7 @@ class GPT(nnx.Module):
             self.h = stacked(rngs)
         else:
             self.h = nnx.List([Block(config, rngs=rngs) for _ in range(config.n_layer)])
-        self.ln_f = Norm(config, rngs=rngs)
+        self.ln_f = norm_layer(config, rngs=rngs)
         if not config.tie_embeddings:  # stored like wte, (V, C), so both heads are one matmul form
             std = 0.0 if config.zero_init_proj else config.init_std
             self.lm_head = param(jax.nn.initializers.normal(std), ("vocab", "embed"),
@@ -459,14 +529,12 @@ class GPT(nnx.Module):
         if positions is None:
             positions = jnp.arange(T)[None]  # (1, T)
         keys = jax.random.split(rng, cfg.n_layer + 1) if rng is not None else [None] * (cfg.n_layer + 1)
-        x = self.wte(idx)
-        if cfg.positions == "learned":
-            x = x + self.wpe(positions)
+        x = self.add_positions(self, self.wte(idx), positions)
         x = sharding.constrain(dropout(x.astype(cfg.dtype), cfg.dropout, keys[0]), ("batch", None, None))  # (B, T, C)
-        x, cache = self.blocks(x, positions, None if rng is None else keys[1:], cache, self.values(idx))
+        x, cache = self.blocks(x, positions, None if rng is None else keys[1:], cache, self.value_embeddings(idx))
         return self.ln_f(x), cache
 
-    def values(self, idx):
+    def value_embeddings(self, idx):
         """The value embeddings of idx (B, T): (value_embeds + 1, B, T, kv heads, head_dim), the last slot all
         zeros, which config.value_slots index per layer; None for a model without them."""
         cfg = self.config
@@ -475,13 +543,13 @@ class GPT(nnx.Module):
         rows = [table(idx).astype(cfg.dtype) for table in self.value_embeds]  # (B, T, K * D) each
         return jnp.stack([*rows, jnp.zeros_like(rows[0])]).reshape(len(rows) + 1, *idx.shape, -1, cfg.head_dim)
 
-    def blocks(self, x, positions, keys, cache, values):
-        """The blocks over x; values (slots, B, T, K, D) or None, of which layer i reads slot value_slots[i]."""
+    def blocks(self, x, positions, keys, cache, value_embeds):
+        """The blocks over x; value_embeds (slots, B, T, K, D) or None, of which layer i reads slot value_slots[i]."""
         cfg, policy = self.config, REMAT_POLICIES[self.config.remat]
-        slots = None if values is None else jnp.asarray(cfg.value_slots)
+        slots = None if value_embeds is None else jnp.asarray(cfg.value_slots)
 
         def run(block, x, positions, key, layer_cache, slot):
-            return block(x, positions, key, layer_cache, None if values is None else values[slot])
+            return block(x, positions, key, layer_cache, None if value_embeds is None else value_embeds[slot])
         if cfg.remat != "none":
             run = nnx.remat(run, policy=policy)
         if not cfg.scan_layers:
@@ -500,10 +568,10 @@ class GPT(nnx.Module):
 
     def head(self):
         """The (V, C) output embedding: wte when tied, else lm_head (dequantized when int8)."""
-        w, scale = self._head()
+        w, scale = self.stored_head()
         return w if scale is None else w.astype(jnp.float32) * scale[:, None]
 
-    def _head(self):
+    def stored_head(self):
         """-> (the stored (V, C) head, its per-row Scale's values or None)."""
         if self.config.tie_embeddings:
             return self.wte.embedding[...], None if self.wte.scale is None else self.wte.scale[...]
@@ -513,7 +581,7 @@ class GPT(nnx.Module):
     def logits(self, x):
         """The head. Padded vocab rows get -inf logits: softmax gives them probability 0, so they are never
         sampled, and since targets are real tokens they never change a loss (nor receive gradient)."""
-        w, scale = self._head()
+        w, scale = self.stored_head()
         logits = self.softcap(self.ops.tied_logits(x, w) if scale is None
                               else self.ops.int8_tied_logits(x, w, scale))  # (B, T, vocab_size) float32
         if self.config.n_valid_vocab < self.config.vocab_size:

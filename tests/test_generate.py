@@ -65,11 +65,11 @@ def test_cached_logits_equal_full_forward(hf_model, scan_layers):
 SPEEDRUN = dict(qk_norm=True, mlp="relu2", logit_softcap=3.0, value_embeds=1, positions="rope", tie_embeddings=False)
 
 
-def speedrun_model(scan_layers: bool):
+def speedrun_model(scan_layers: bool, n_kv_head: int = 0):
     """A model in the speedrun's blocks with every parameter N(0, 0.3): lambdas and norms away from 1, greedy
     choices away from ties."""
     model = build(GPTConfig(vocab_size=128, valid_vocab_size=100, n_layer=2, n_head=4, n_embd=64, block_size=64,
-                            scan_layers=scan_layers, **SPEEDRUN))
+                            scan_layers=scan_layers, n_kv_head=n_kv_head, **SPEEDRUN))
     leaves, treedef = jax.tree.flatten(nnx.state(model, nnx.Param))
     keys = jax.random.split(jax.random.key(1), len(leaves))
     nnx.update(model, jax.tree.unflatten(treedef, [0.3 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)]))
@@ -77,9 +77,11 @@ def speedrun_model(scan_layers: bool):
 
 
 @pytest.mark.parametrize("scan_layers", [False, True])
-def test_speedrun_blocks_cached_logits_equal_full_forward(scan_layers):
-    """QK-norm before the cache, mixed values in it, each new token's value embedding at decode."""
-    check_cached_logits(speedrun_model(scan_layers), [[5, 17, 42, 8, 99, 3, 61, 23, 70, 12, 1], [88, 4, 31]])
+@pytest.mark.parametrize("n_kv_head", [0, 2])
+def test_speedrun_blocks_cached_logits_equal_full_forward(scan_layers, n_kv_head):
+    """QK-norm before the cache, mixed values in it, each new token's value embedding at decode; with GPT-2's
+    c_attn or grouped-query projections (a cache of 2 key/value heads for 4 query heads)."""
+    check_cached_logits(speedrun_model(scan_layers, n_kv_head), [[5, 17, 42, 8, 99, 3, 61, 23, 70, 12, 1], [88, 4, 31]])
 
 
 def check_cached_logits(model, prompts):

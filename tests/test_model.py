@@ -196,12 +196,14 @@ def test_remat_gives_the_same_gradients(remat):
 
 SPEEDRUN = dict(qk_norm=True, mlp="relu2", logit_softcap=3.0, value_embeds=1, positions="rope", tie_embeddings=False,
                 zero_init_proj=True)
+PROJECTIONS = ("q_proj", "k_proj", "v_proj")
 
 
 def numpy_speedrun_logits(p: dict, c: GPTConfig, idx: np.ndarray) -> np.ndarray:
     """modded-nanogpt's blocks transcribed in float64 on a per-layer jaxgpt parameter tree: per layer, q and k
     RMS-normalised over the head dim (F.rms_norm, eps float32's), v = lambdas[0] v + lambdas[1] ve with this
-    layer's table (or none: 0), rotary positions (rotate-half), causal softmax attention, relu(x)^2 in the MLP;
+    layer's table (or none: 0), rotary positions (rotate-half), causal softmax attention (with n_kv_head, HF Llama's
+    separate q/k/v projections, each key/value head repeated for its H / K query heads), relu(x)^2 in the MLP;
     LayerNorm (GPT-2's), the untied head, 30 * tanh(logits / 30) with c's cap; padded vocabulary -inf."""
     def norm(x, w):
         x = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + c.layer_norm_epsilon)
@@ -222,13 +224,18 @@ def numpy_speedrun_logits(p: dict, c: GPTConfig, idx: np.ndarray) -> np.ndarray:
     x = p["wte"]["embedding"][idx]
     for i in range(c.n_layer):
         layer, slot = p["h"][i], c.value_slots[i]
-        h = norm(x, layer["ln_1"])
-        qkv = np.einsum("btc,cshd->btshd", h, layer["attn"]["c_attn"]["kernel"]) + layer["attn"]["c_attn"]["bias"]
-        q, k, v = rms(qkv[:, :, 0]), rms(qkv[:, :, 1]), qkv[:, :, 2]
-        ve = p["value_embeds"][slot]["embedding"][idx].reshape(B, T, H, D) if slot < c.value_embeds else 0.0
-        lambdas = layer["attn"]["value_mix"]["lambdas"]
+        h, attn = norm(x, layer["ln_1"]), layer["attn"]
+        if c.n_kv_head:  # separate projections, K key/value heads
+            q, k, v = (np.einsum("btc,chd->bthd", h, attn[n]["kernel"]) + attn[n]["bias"] for n in PROJECTIONS)
+        else:
+            qkv = np.einsum("btc,cshd->btshd", h, attn["c_attn"]["kernel"]) + attn["c_attn"]["bias"]
+            q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        q, k = rms(q), rms(k)
+        ve = p["value_embeds"][slot]["embedding"][idx].reshape(v.shape) if slot < c.value_embeds else 0.0
+        lambdas = attn["value_mix"]["lambdas"]
         v = lambdas[0] * v + lambdas[1] * ve
         q, k = rope(q), rope(k)
+        k, v = (np.repeat(t, H // t.shape[2], axis=2) for t in (k, v))  # kv head j serves query heads j*H/K...
         scores = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(D) + np.where(np.tril(np.ones((T, T))), 0, -np.inf)
         probs = np.exp(scores - scores.max(-1, keepdims=True))
         y = np.einsum("bhqk,bkhd->bqhd", probs / probs.sum(-1, keepdims=True), v)
@@ -251,21 +258,23 @@ def randomized(config: GPTConfig, seed: int = 1) -> GPT:
     return model
 
 
-@pytest.mark.parametrize("layers, value_embeds", [(4, 1), (4, 2)])
-def test_speedrun_blocks_match_a_numpy_transcription(layers, value_embeds):
+@pytest.mark.parametrize("layers, value_embeds, n_kv_head", [(4, 1, 0), (4, 2, 0), (4, 1, 1)])
+def test_speedrun_blocks_match_a_numpy_transcription(layers, value_embeds, n_kv_head):
     """QK-norm, value embeddings (a table in the first and last layers, a zero slot between when there is one),
-    ReLU^2, rotary positions, soft-capped logits of an untied head: jaxgpt against NumPy in float64, and the
+    ReLU^2, rotary positions, soft-capped logits of an untied head, with GPT-2's fused c_attn or grouped-query
+    projections (value tables as wide as the K key/value heads): jaxgpt against NumPy in float64, and the
     scan_layers model (the same weights stacked) against both."""
     config = GPTConfig(vocab_size=128, valid_vocab_size=100, n_layer=layers, n_head=4, n_embd=64, block_size=32,
-                       **{**SPEEDRUN, "value_embeds": value_embeds})
+                       n_kv_head=n_kv_head, **{**SPEEDRUN, "value_embeds": value_embeds})
     assert config.value_slots == ((0, 1, 1, 0) if value_embeds == 1 else (0, 1, 0, 1))
     model = randomized(config)
     idx = tokens(100, 2, 32)
     params = jax.tree.map(lambda x: np.asarray(x, np.float64), nnx.state(model, nnx.Param).to_pure_dict())
     expected, got = numpy_speedrun_logits(params, config, idx), ours(model, idx)
     diff = np.abs(got[..., :100] - expected[..., :100]).max()
-    print(f"\n[speedrun blocks, {layers} layers, value_embeds={value_embeds}] max |jaxgpt - NumPy| {diff:.3g}, "
-          f"logits within +-{np.abs(expected[..., :100]).max():.3g} of the cap {config.logit_softcap}")
+    print(f"\n[speedrun blocks, {layers} layers, value_embeds={value_embeds}, n_kv_head={n_kv_head}] "
+          f"max |jaxgpt - NumPy| {diff:.3g}, logits within +-{np.abs(expected[..., :100]).max():.3g} "
+          f"of the cap {config.logit_softcap}")
     assert diff <= 1e-4 and np.all(np.isneginf(got[..., 100:]))
     assert np.abs(expected[..., :100]).max() > 0.8 * config.logit_softcap  # the cap bends the largest logits
     scanned = build(dataclasses.replace(config, scan_layers=True))
@@ -306,3 +315,40 @@ def test_speedrun_blocks_keep_the_model_causal():
     a, b = ours(model, idx), ours(model, changed)
     np.testing.assert_array_equal(a[:, :20], b[:, :20])
     assert np.abs(a[:, 20:] - b[:, 20:]).max() > 1e-3
+
+
+LLAMA = dict(norm="rmsnorm", mlp="swiglu", positions="rope", n_kv_head=1, bias=False, tie_embeddings=False)
+
+
+@pytest.mark.parametrize("blocks, expected", [
+    ({}, ["wte.embedding", "wpe.embedding", "h.{i}.ln_1.scale", "h.{i}.ln_1.bias", "h.{i}.attn.c_attn.kernel",
+          "h.{i}.attn.c_attn.bias", "h.{i}.attn.c_proj.kernel", "h.{i}.attn.c_proj.bias", "h.{i}.ln_2.scale",
+          "h.{i}.ln_2.bias", "h.{i}.mlp.c_fc.kernel", "h.{i}.mlp.c_fc.bias", "h.{i}.mlp.c_proj.kernel",
+          "h.{i}.mlp.c_proj.bias", "ln_f.scale", "ln_f.bias"]),
+    (LLAMA, ["wte.embedding", "h.{i}.ln_1.scale", "h.{i}.attn.q_proj.kernel", "h.{i}.attn.k_proj.kernel",
+             "h.{i}.attn.v_proj.kernel", "h.{i}.attn.c_proj.kernel", "h.{i}.ln_2.scale", "h.{i}.mlp.c_gate.kernel",
+             "h.{i}.mlp.c_fc.kernel", "h.{i}.mlp.c_proj.kernel", "ln_f.scale", "lm_head"]),
+    ({**SPEEDRUN, "norm": "rmsnorm", "bias": False},
+     ["wte.embedding", "h.{i}.ln_1.scale", "h.{i}.attn.c_attn.kernel", "h.{i}.attn.c_proj.kernel",
+      "h.{i}.attn.value_mix.lambdas", "h.{i}.ln_2.scale", "h.{i}.mlp.c_fc.kernel", "h.{i}.mlp.c_proj.kernel",
+      "ln_f.scale", "lm_head", "value_embeds.0.embedding"]),
+], ids=["gpt2", "llama", "speedrun"])
+def test_parameter_paths_are_the_documented_names(blocks, expected):
+    """The parameter tree names what the module docstring and torch_bridge's tables promise (HF GPT2LMHeadModel's
+    names, Llama's projections, the speedrun's value_mix and value_embeds): saved checkpoints depend on them. Under
+    scan_layers the same names hold one stacked 'h' entry."""
+    config = GPTConfig(vocab_size=64, n_layer=2, n_head=2, n_embd=32, block_size=16, **blocks)
+    for scan_layers in (False, True):
+        state = nnx.state(build(dataclasses.replace(config, scan_layers=scan_layers)), nnx.Param)
+        paths = sorted(".".join(map(str, path)) for path, _ in state.flat_state())
+        layers = [""] if scan_layers else ["0.", "1."]
+        want = sorted({name.replace("h.{i}.", f"h.{i}") for name in expected for i in layers})
+        assert paths == want, scan_layers
+
+
+@pytest.mark.parametrize("blocks", [{}, LLAMA, SPEEDRUN], ids=["gpt2", "llama", "speedrun"])
+def test_two_models_of_one_config_have_equal_graphdefs(blocks):
+    """jitted programs are cached by graphdef (jaxgpt/engine.py, step.py): every part a switch picks must be a value
+    that compares equal across builds, not an object equal only to itself (a bound method)."""
+    config = GPTConfig(vocab_size=64, n_layer=2, n_head=2, n_embd=32, block_size=16, **blocks)
+    assert nnx.graphdef(build(config, seed=0)) == nnx.graphdef(build(config, seed=1))
