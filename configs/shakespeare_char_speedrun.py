@@ -1,6 +1,7 @@
 """The CPU recipe's data and model size with the speedrun's optimizer, blocks and schedule: Muon, rotary positions,
 QK-norm, value embeddings, a trapezoid schedule, 24 x 64 tokens per step, 200 steps, one evaluation at the end.
-It reaches the CPU recipe's val loss (1.88) in under 0.6x its wall time (bench/RESULTS.md, python -m bench.train_cpu)."""
+It reaches the CPU recipe's val loss in a fraction of its wall time (figures: bench/RESULTS.md, from
+`python -m bench.train_cpu`)."""
 import importlib
 
 

@@ -139,10 +139,17 @@ class Refusal:
             self.refuse(f"was trained with seed={saved['seed']}, this run has seed={ours['seed']}: the data order "
                         "would change", f"resume with --config.seed={saved['seed']}")
         if saved != ours:
-            self.refuse(f"was trained on another data set: train shards {_shards(saved)} there, "
-                        f"{_shards(ours)} in data.dir={config.data.dir} here",
-                        "point --config.data.dir at the data it was trained on")
+            self.refuse(f"was trained on another data set: {_shard_diff(saved['shards'], ours['shards'])} in "
+                        f"data.dir={config.data.dir}", "point --config.data.dir at the data it was trained on")
 
 
-def _shards(stream: dict) -> str:
-    return "[" + ", ".join(f"{name} ({tokens:,} tokens, {digest})" for name, tokens, digest in stream["shards"]) + "]"
+def _shard_diff(saved: list, ours: list) -> str:
+    """The train shards that differ (at most 3 named), e.g. 'train_000001.bin: 1,000 tokens (ab12) there, 900 (cd34)
+    here'."""
+    old, new = ({name: (tokens, digest) for name, tokens, digest in shards} for shards in (saved, ours))
+    def one(entry):
+        return "absent" if entry is None else f"{entry[0]:,} tokens ({entry[1]})"
+    names = sorted(n for n in old.keys() | new.keys() if old.get(n) != new.get(n))
+    text = "; ".join(f"{n}: {one(old.get(n))} there, {one(new.get(n))} here" for n in names[:3])
+    more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+    return f"{len(saved)} train shards there, {len(ours)} here, differing in {text}{more},"

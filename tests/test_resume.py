@@ -209,8 +209,9 @@ def test_what_may_not_change_is_one_error_that_writes_nothing(data_dir, trained,
 
 def test_another_data_set_is_refused_naming_both(data_dir, trained, other_data):
     before = snapshot(trained)
-    with pytest.raises(UserValueError, match=r"was trained on another data set: train shards \[train_000000.bin "
-                                             r"\([\d,]+ tokens, \w+\)\] there, .* in data.dir=.* here; point "
+    with pytest.raises(UserValueError, match=r"was trained on another data set: 1 train shards there, 1 here, "
+                                             r"differing in train_000000.bin: [\d,]+ tokens \(\w{16}\) there, "
+                                             r"[\d,]+ tokens \(\w{16}\) here, in data.dir=\S+; point "
                                              "--config.data.dir at the data it was trained on, or start a new run"):
         train.train(config(other_data, max_steps=8), str(trained))
     assert snapshot(trained) == before  # its tokenizer.json too
