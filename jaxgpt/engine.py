@@ -33,7 +33,6 @@ from jaxgpt.errors import UserValueError
 from jaxgpt.model import GPT
 
 MIN_LENGTH = 64  # the shortest cache view a step reads
-TOP_K_BUCKET = 64  # top-k filters run lax.top_k over a multiple of this many candidates
 MAX_TOKENS = 4096  # the default most new tokens a request may ask for (past the context, windows slide)
 
 
@@ -83,30 +82,12 @@ class SlotCache:
 
 
 def sample_rows(logits, temperature, top_k, top_p, keys, *, mode: str, k_max: int):
-    """Each row's next token from float32 logits (b, V): greedy where temperature is 0, else temperature, then
-    top-k (0: off), then top-p (1: off), HF's order, then a draw with the row's own key.
-
-    mode (chosen by the host from the rows' settings, so the cheap forms compile apart): greedy (every row),
-    plain (no filter), top_k (top-k only, among lax.top_k's k_max candidates) or sort (top-p: a full sort)."""
+    """Each row's next token from float32 logits (b, V): greedy where temperature is 0, else generate.filter_logits
+    with the row's settings, then a draw with the row's own key. mode, k_max: generate.filter_mode's."""
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     if mode == "greedy":
         return greedy
-    scaled = logits / jnp.where(temperature > 0, temperature, 1.0)[:, None]
-    threshold = jnp.full((scaled.shape[0], 1), -jnp.inf)
-    if mode == "top_k":
-        candidates = jax.lax.top_k(scaled, k_max)[0]  # (b, k_max) descending
-        kth = jnp.take_along_axis(candidates, jnp.clip(top_k - 1, 0, k_max - 1)[:, None], axis=-1)
-        threshold = jnp.where(top_k[:, None] > 0, kth, threshold)
-    elif mode == "sort":
-        descending = -jnp.sort(-scaled, axis=-1)  # (b, V)
-        kth = jnp.take_along_axis(descending, jnp.clip(top_k - 1, 0, scaled.shape[-1] - 1)[:, None], axis=-1)
-        kth = jnp.where(top_k[:, None] > 0, kth, threshold)
-        descending = jnp.where(descending >= kth, descending, -jnp.inf)
-        probs = jax.nn.softmax(descending, axis=-1)
-        keep = jnp.cumsum(probs, axis=-1) - probs < top_p[:, None]  # the smallest prefix holding top_p
-        cutoff = jnp.min(jnp.where(keep, descending, jnp.inf), axis=-1, keepdims=True)
-        threshold = jnp.maximum(kth, cutoff)
-    filtered = jnp.where(scaled >= threshold, scaled, -jnp.inf)
+    filtered = generate.filter_logits(logits, temperature, top_k, top_p, mode=mode, k_max=k_max)
     drawn = jax.vmap(lambda key, row: jax.random.categorical(key, row))(keys, filtered).astype(jnp.int32)
     return jnp.where(temperature > 0, drawn, greedy)
 
@@ -320,15 +301,7 @@ class Engine:
         top_k = np.array([x.top_k for x in s], np.int32)
         top_p = np.array([x.top_p for x in s], np.float32)
         key_data = np.stack([q.key_data for q in seqs] + [seqs[0].key_data] * (rows - len(seqs)))
-        sampled = temperature > 0
-        if not sampled.any():
-            mode, k_max = "greedy", 0
-        elif (top_p[sampled] < 1).any():
-            mode, k_max = "sort", 0
-        elif (top_k[sampled] > 0).any():
-            mode, k_max = "top_k", min(self.config.vocab_size, -(-int(top_k.max()) // TOP_K_BUCKET) * TOP_K_BUCKET)
-        else:
-            mode, k_max = "plain", 0
+        mode, k_max = generate.filter_mode(temperature, top_k, top_p, self.config.vocab_size)
         return (temperature, top_k, top_p, key_data), mode, k_max
 
     def _admit(self):
