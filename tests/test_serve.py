@@ -291,6 +291,24 @@ def test_http_bad_requests_get_one_json_error(server, body, status, says):
     assert says in r.json()["error"]["message"] and r.json()["error"]["type"]
     assert eng.stats()["waiting"] == 0
 
+@pytest.mark.parametrize("body, param", [
+    ('{"prompt": "a", "logprobs": 2}', "logprobs"),
+    ('{"prompt": "a", "max_tokens": 0}', "max_tokens"),
+    ('{"prompt": "a", "max_tokens": 1000000}', "max_tokens"),
+    ('{"prompt": "a", "n": 33}', "n"),
+    ('{"prompt": ["a", "b"], "n": 17}', "n"),
+    ('{"prompt": "a", "model": "gpt-4"}', "model"),
+    ('{"prompt": "\\u00e9t\\u00e9"}', "prompt"),
+    ('{"prompt": [1, 2, 999]}', "prompt"),
+    ('{"prompt": []}', "prompt"),
+    ('{"prompt": "a", "stop": ["", "b"]}', "stop"),
+])
+def test_http_errors_name_the_field_at_fault(server, body, param):
+    """An error's `param` is the request field at fault (OpenAI's error shape), whatever its message says."""
+    url, _ = server
+    r = post(f"{url}/v1/completions", content=body, headers={"Content-Type": "application/json"})
+    assert r.status_code in (400, 404) and r.json()["error"]["param"] == param, r.text
+
 
 def test_http_client_disconnect_frees_its_rows(server, model):
     url, eng = server
