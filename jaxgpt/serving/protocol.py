@@ -50,7 +50,7 @@ def invalid_request_error(e: InvalidRequest):
     return error(400, str(e), e.param)
 
 
-def validation_error(problems: list[dict], fields) -> object:
+def validation_error(problems: list[dict], fields):
     """The 400 for a body the schema refused (pydantic's errors, the first one told): malformed JSON, an unknown
     field (with the fields that exist), or a field's value."""
     first = problems[0] if problems else {}
