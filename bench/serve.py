@@ -5,7 +5,7 @@ device, then `python -m jaxgpt.serve` under 1, 8 and 32 concurrent HTTP clients.
     python -m bench.serve [--json=serve_results.json] [--time_limit=180] [--prompt_len=64] [--new_tokens=128]
                           [--clients=1,8,32] [--requests=8] [--load_tokens=32] [--repeats=3] [--smoke]
 
-Decoding: one greedy request through jaxgpt.engine (prefill included, as in HF generate), best of --repeats,
+Decoding: one greedy request through jaxgpt.serving.engine (prefill included, as in HF generate), best of --repeats,
 round-robin, after an untimed warm-up; 'same' counts greedy tokens equal to float32's. HF generate runs in float32
 (and, on a GPU, bfloat16 too; on a CPU at 1 and all threads); 'vs HF' is against its fastest float32 row. Load: a
 server process on 127.0.0.1; each client sends --requests streamed requests one after another (--load_tokens new
@@ -43,7 +43,11 @@ from absl import app, flags  # noqa: E402
 
 import torch_bridge  # noqa: E402
 from bench import harness, peers  # noqa: E402
-from jaxgpt import engine, quantize, serve  # noqa: E402
+from jaxgpt import quantize  # noqa: E402
+from jaxgpt.generate import next_power_of_two  # noqa: E402
+from jaxgpt.serving import engine  # noqa: E402
+from jaxgpt.serving.app import wait_until_serving  # noqa: E402
+from jaxgpt.serving.request import Request, Sampling  # noqa: E402
 
 FLAGS = flags.FLAGS
 BATCH1_TARGET = 8.0  # issue 25: jaxgpt batch-1 decoding >= 8x HF generate on one H200/H100
@@ -79,7 +83,7 @@ class Results:
 def decode_once(eng: engine.Engine, prompt, n) -> tuple[float, list[int]]:
     tokens, done = [], threading.Event()
     start = time.perf_counter()
-    eng.submit(engine.Request(prompt, engine.Sampling(max_tokens=n, temperature=0.0), 1,
+    eng.submit(Request(prompt, Sampling(max_tokens=n, temperature=0.0), 1,
                               on_token=lambda c, t: tokens.append(t), on_finish=lambda c, why: done.set()))
     if not done.wait(wait_s()):
         raise TimeoutError(f"a batch-1 request outlasted the time limit and {GRACE} s more")
@@ -201,7 +205,7 @@ def start_server(hf_dir, weights, clients):
     port = sock.getsockname()[1]
     sock.close()
     proc = subprocess.Popen([sys.executable, "-m", "jaxgpt.serve", f"--hf={hf_dir}", f"--port={port}",
-                             f"--weights={weights}", f"--max_batch={engine.bucket(max(clients))}"])
+                             f"--weights={weights}", f"--max_batch={next_power_of_two(max(clients))}"])
     return proc, f"http://127.0.0.1:{port}"
 
 
@@ -211,10 +215,10 @@ def load(hf, weights, clients: list[int], results: Results):
         hf.save_pretrained(d)
         proc, url = start_server(d, weights, clients)
         try:
-            serve.wait_until_serving(url, wait_s(), proc)
+            wait_until_serving(url, wait_s(), proc)
             rng = np.random.default_rng(0)
             start = time.perf_counter()
-            warm_up(url, engine.bucket(max(clients)), rng, hf.config.vocab_size)
+            warm_up(url, next_power_of_two(max(clients)), rng, hf.config.vocab_size)
             for c in clients:  # and the HTTP side of each wave
                 wave(url, c, 1, FLAGS.load_tokens, rng, hf.config.vocab_size)
             warm = time.perf_counter() - start

@@ -134,8 +134,8 @@ def main(argv):
     if FLAGS.side:
         print(json.dumps(run_side(FLAGS.side)))
         return
-    from jaxgpt import train
-    train.prepare_data(recipe_config(), is_main=True)  # once, outside every timing
+    from jaxgpt import run_config
+    run_config.prepare_data(recipe_config(), is_main=True)  # once, outside every timing
     check_sides()
     names = {"jaxgpt": "jaxgpt", "torch": "PyTorch eager" + (" +compile" if FLAGS.torch_compile else "")}
     runs = {side: [] for side in FLAGS.sides}

@@ -19,6 +19,12 @@ def fail(message) -> None:
     sys.exit(1)
 
 
+def log(is_main: bool, message: str):
+    """A line on standard output from process 0 (the others print nothing)."""
+    if is_main:
+        print(message, flush=True)
+
+
 def run(main) -> None:
     """app.run(main) with config-aware flag parsing; a UserError ends the program as one line, not a traceback."""
     def guarded(argv):

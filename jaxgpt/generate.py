@@ -17,6 +17,7 @@ from jaxgpt.model import GPT, GPTConfig
 
 CACHE_MULTIPLE = 64  # cache lengths are rounded up to a multiple of this
 MIN_PROMPT_BUCKET = 16
+TOP_K_MULTIPLE = 64  # top-k filters take lax.top_k of a multiple of this many candidates: few shapes compile
 
 
 def cache_attention(q, keys, values, mask):
@@ -74,6 +75,47 @@ def init_cache(config: GPTConfig, start: jax.Array, max_len: int):
     return [layer] * config.n_layer
 
 
+def filter_mode(temperature, top_k, top_p, vocab_size: int) -> tuple[str, int]:
+    """The cheapest form of filter_logits that serves every sampled row (settings as scalars or numpy arrays, on
+    the host, so that each form compiles apart): greedy (no row samples), plain (no filter), top_k (top-k only,
+    among lax.top_k's k_max candidates) or sort (top-p: a full sort)."""
+    temperature, top_k, top_p = (np.atleast_1d(np.asarray(x)) for x in (temperature, top_k, top_p))
+    sampled = temperature > 0
+    if not sampled.any():
+        return "greedy", 0
+    if (top_p[sampled] < 1).any():
+        return "sort", 0
+    if (top_k[sampled] > 0).any():
+        return "top_k", min(vocab_size, -(-int(top_k.max()) // TOP_K_MULTIPLE) * TOP_K_MULTIPLE)
+    return "plain", 0
+
+
+def filter_logits(logits, temperature, top_k, top_p, *, mode: str, k_max: int = 0):
+    """Temperature, then top-k (0: off), then top-p (1: off), HF's order, on logits (B, V) -> float32 (B, V) where
+    the tokens left out (and padded vocab rows, already -inf) are -inf. Settings are scalars or one per row (B,);
+    a row of temperature 0 is left unscaled (its caller takes the argmax). mode, k_max: from filter_mode."""
+    B = logits.shape[0]
+    column = lambda x: jnp.broadcast_to(jnp.reshape(jnp.asarray(x), (-1, 1)), (B, 1))
+    temperature, top_k, top_p = column(temperature), column(top_k), column(top_p)
+    scaled = logits.astype(jnp.float32) / jnp.where(temperature > 0, temperature, 1.0)
+    threshold = jnp.full((B, 1), -jnp.inf)
+    if mode == "top_k":
+        candidates = jax.lax.top_k(scaled, k_max)[0]  # (B, k_max) descending
+        kth = jnp.take_along_axis(candidates, jnp.clip(top_k - 1, 0, k_max - 1), axis=-1)
+        threshold = jnp.where(top_k > 0, kth, threshold)
+    elif mode == "sort":
+        descending = -jnp.sort(-scaled, axis=-1)  # (B, V)
+        kth = jnp.take_along_axis(descending, jnp.clip(top_k - 1, 0, scaled.shape[-1] - 1), axis=-1)
+        kth = jnp.where(top_k > 0, kth, threshold)
+        descending = jnp.where(descending >= kth, descending, -jnp.inf)
+        probs = jax.nn.softmax(descending, axis=-1)
+        # Keep the smallest prefix whose mass reaches top_p: every token whose predecessors hold less.
+        keep = jnp.cumsum(probs, axis=-1) - probs < top_p
+        cutoff = jnp.min(jnp.where(keep, descending, jnp.inf), axis=-1, keepdims=True)
+        threshold = jnp.maximum(kth, cutoff)
+    return jnp.where(scaled >= threshold, scaled, -jnp.inf)
+
+
 @dataclasses.dataclass(frozen=True)
 class Sampler:
     """How to pick a token from logits. temperature 0 is greedy; top_k/top_p of None keep every token."""
@@ -90,20 +132,11 @@ class Sampler:
             raise UserValueError(f"top_p={self.top_p} must be in (0, 1]")
 
     def filter(self, logits):
-        """Temperature, then top-k, then top-p (HF's order), on float32 logits (B, V). Excluded tokens and
-        padded vocab rows (already -inf) end up -inf."""
-        logits = logits.astype(jnp.float32) / self.temperature
-        if self.top_k is not None and self.top_k < logits.shape[-1]:
-            kth = jax.lax.top_k(logits, self.top_k)[0][:, -1:]  # (B, 1)
-            logits = jnp.where(logits >= kth, logits, -jnp.inf)
-        if self.top_p is not None and self.top_p < 1.0:
-            descending = -jnp.sort(-logits, axis=-1)  # (B, V)
-            probs = jax.nn.softmax(descending, axis=-1)
-            # Keep the smallest prefix whose mass reaches top_p: every token whose predecessors hold less.
-            keep = jnp.cumsum(probs, axis=-1) - probs < self.top_p
-            cutoff = jnp.min(jnp.where(keep, descending, jnp.inf), axis=-1, keepdims=True)  # (B, 1)
-            logits = jnp.where(logits >= cutoff, logits, -jnp.inf)
-        return logits
+        """filter_logits with this sampler's settings, on logits (B, V)."""
+        top_k, top_p = self.top_k or 0, 1.0 if self.top_p is None else self.top_p
+        mode, k_max = filter_mode(self.temperature, top_k, top_p, logits.shape[-1])
+        return filter_logits(logits, self.temperature, top_k, top_p, mode="plain" if mode == "greedy" else mode,
+                             k_max=k_max)
 
     def __call__(self, logits, key):
         """logits (B, V) -> tokens (B,) int32."""
@@ -190,8 +223,13 @@ def programs(graphdef, treedef):
             jax.jit(run_all, static_argnames=("sampler", "max_len")))
 
 
+def next_power_of_two(n: int, minimum: int = 1) -> int:
+    """The least power of two >= n and >= minimum: the shapes batches and lengths are rounded up to."""
+    return max(minimum, 1 << (max(n, 1) - 1).bit_length())
+
+
 def prompt_bucket(length: int) -> int:
-    return max(MIN_PROMPT_BUCKET, 1 << (length - 1).bit_length())
+    return next_power_of_two(length, MIN_PROMPT_BUCKET)
 
 
 def cache_length(prompt_len: int, max_new_tokens: int) -> int:

@@ -66,6 +66,24 @@ def prepare(out_dir: str, *, dataset: str = "auto", input: str | None = None, to
     PARALLEL_MIN_CHARS characters.
     """
     hf = _hf_source(dataset, hf_config)
+    _check_options(tokenizer, vocab_size, val_fraction, shard_size, num_proc)
+    if hf:
+        _check_hf_options(dataset, tokenizer, input, max_shards)
+        with _staging(out_dir, overwrite) as staging:
+            tok = (get_tokenizer("gpt2") if tokenizer == "gpt2" else
+                   _train_bpe_on_hf(*hf, hf_split, text_field, vocab_size, bpe_sample_chars))
+            _prepare_hf(staging, tok, *hf, hf_split, text_field, shard_size, num_proc or _half_the_cpus(), max_shards)
+            tok.save(staging)
+        return out_dir
+    if hf_config or hf_split != "train" or text_field != "text" or max_shards:
+        raise UserValueError("--hf_config, --hf_split, --text_field and --max_shards apply to --dataset=hf:... "
+                             f"and fineweb_edu, not to --dataset={dataset}")
+    _prepare_text(out_dir, _documents(dataset, input), tokenizer, val_fraction, shard_size, overwrite, num_proc,
+                  vocab_size)
+    return out_dir
+
+
+def _check_options(tokenizer: str, vocab_size: int, val_fraction: float, shard_size: int, num_proc: int):
     if tokenizer not in TOKENIZERS:
         raise UserValueError(f"unknown tokenizer {tokenizer!r}: expected one of {TOKENIZERS}")
     if (tokenizer == "bpe") != bool(vocab_size):
@@ -77,27 +95,23 @@ def prepare(out_dir: str, *, dataset: str = "auto", input: str | None = None, to
         raise UserValueError(f"shard_size={shard_size} must be positive")
     if num_proc < 0:
         raise UserValueError(f"num_proc={num_proc} must be 0 (automatic) or a number of processes")
-    if hf:
-        if tokenizer == "char":
-            raise UserValueError(f"--dataset={dataset} is prepared with --tokenizer=gpt2 or bpe (a char vocabulary "
-                                 "would need the whole stream read first)")
-        if input:
-            raise UserValueError(f"--input does not apply to --dataset={dataset}: name the data in "
-                                 "--dataset=hf:PATH_OR_NAME")
-        if max_shards < 0 or max_shards == 1:
-            raise UserValueError(f"max_shards={max_shards}: expected 0 (the whole split) or at least 2 (the "
-                                 "validation shard and a train shard)")
-        with _staging(out_dir, overwrite) as staging:
-            tok = (get_tokenizer("gpt2") if tokenizer == "gpt2" else
-                   _train_bpe_on_hf(*hf, hf_split, text_field, vocab_size, bpe_sample_chars))
-            _prepare_hf(staging, tok, *hf, hf_split, text_field, shard_size, num_proc or _half_the_cpus(), max_shards)
-            tok.save(staging)
-        return out_dir
-    if hf_config or hf_split != "train" or text_field != "text" or max_shards:
-        raise UserValueError("--hf_config, --hf_split, --text_field and --max_shards apply to --dataset=hf:... "
-                             f"and fineweb_edu, not to --dataset={dataset}")
 
-    docs = _documents(dataset, input)
+
+def _check_hf_options(dataset: str, tokenizer: str, input: str | None, max_shards: int):
+    if tokenizer == "char":
+        raise UserValueError(f"--dataset={dataset} is prepared with --tokenizer=gpt2 or bpe (a char vocabulary "
+                             "would need the whole stream read first)")
+    if input:
+        raise UserValueError(f"--input does not apply to --dataset={dataset}: name the data in "
+                             "--dataset=hf:PATH_OR_NAME")
+    if max_shards < 0 or max_shards == 1:
+        raise UserValueError(f"max_shards={max_shards}: expected 0 (the whole split) or at least 2 (the "
+                             "validation shard and a train shard)")
+
+
+def _prepare_text(out_dir: str, docs: list[str], tokenizer: str, val_fraction: float, shard_size: int,
+                  overwrite: bool, num_proc: int, vocab_size: int):
+    """Documents split by position into train and val, tokenized and written as shards with tokenizer.json."""
     if tokenizer == "char":
         docs = ["\n\n".join(docs)]  # a char vocabulary has no end-of-text token: a blank line separates documents
         tok, num_proc = CharTokenizer.from_text(docs[0]), 1
@@ -116,7 +130,6 @@ def prepare(out_dir: str, *, dataset: str = "auto", input: str | None = None, to
             _write_split(staging, split, tokens, shard_size)
         tok.save(staging)
     logging.info("prepared %s (%s tokenizer, vocab_size %d)", out_dir, tok.name, tok.vocab_size)
-    return out_dir
 
 
 def _hf_source(dataset: str, hf_config: str | None) -> tuple[str, str | None] | None:

@@ -138,6 +138,10 @@ class Refusal:
         if saved["seed"] != ours["seed"]:
             self.refuse(f"was trained with seed={saved['seed']}, this run has seed={ours['seed']}: the data order "
                         "would change", f"resume with --config.seed={saved['seed']}")
+        old, new = saved["window_tokens"], ours["window_tokens"]
+        if old != new:
+            self.refuse(f"was trained on windows of {old} tokens, this run's are {new}",
+                        f"resume with --config.model.block_size={old - 1}")
         if saved != ours:
             self.refuse(f"was trained on another data set: {_shard_diff(saved['shards'], ours['shards'])} in "
                         f"data.dir={config.data.dir}", "point --config.data.dir at the data it was trained on")

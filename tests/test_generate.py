@@ -175,6 +175,21 @@ def test_filtering_equals_hf_logits_processors_and_draws_follow_the_softmax(temp
     assert len(kept) == 1 or p_value > 1e-3
 
 
+def test_one_filter_takes_each_rows_own_settings():
+    """filter_logits with settings per row (the serving engine's form) filters each row as Sampler.filter does
+    with that row's settings alone."""
+    logits = 1.5 * jax.random.normal(jax.random.key(1), (4, 300))
+    rows = [(1.0, 5, 1.0), (0.7, 0, 0.6), (1.5, 40, 0.9), (1.0, 0, 1.0)]  # top-k, top-p, both, neither
+    temperature, top_k, top_p = (np.array(x, dtype) for x, dtype in zip(zip(*rows), (np.float32, np.int32,
+                                                                                      np.float32)))
+    mode, k_max = generate.filter_mode(temperature, top_k, top_p, logits.shape[-1])
+    together = np.asarray(generate.filter_logits(logits, temperature, top_k, top_p, mode=mode, k_max=k_max))
+    for i, (t, k, p) in enumerate(rows):
+        alone = np.asarray(generate.Sampler(t, k or None, p if p < 1 else None).filter(logits[i:i + 1]))[0]
+        np.testing.assert_array_equal(np.isfinite(together[i]), np.isfinite(alone))
+        np.testing.assert_allclose(together[i], alone, rtol=1e-6)
+
+
 def test_seed_reproducible_and_padded_vocab_never_sampled():
     config = GPTConfig(vocab_size=128, valid_vocab_size=100, block_size=128, n_layer=2, n_head=2, n_embd=32)
     model = build(config, seed=3)

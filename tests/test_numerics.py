@@ -11,10 +11,12 @@ import pytest
 from flax import nnx
 
 from configs import base
-from jaxgpt import engine, generate, loss_scale, sharding, step
+from jaxgpt import generate, loss_scale, sharding, step
 from jaxgpt import model as gpt
 from jaxgpt.errors import UserValueError
 from jaxgpt.ops import KERNELS
+from jaxgpt.serving import engine
+from jaxgpt.serving.request import Request, Sampling
 
 SMALL = dict(vocab_size=128, valid_vocab_size=100, block_size=32, n_layer=2, n_head=2, n_embd=32)
 
@@ -57,12 +59,12 @@ def lowered_programs(config: gpt.GPTConfig) -> dict[str, str]:
     finally:
         generate.programs = real
     eng = engine.Engine(model, max_batch=2)
-    eng.prefill = recording("engine prefill", eng.prefill, seen)
-    eng.decode = recording("engine decode", eng.decode, seen)
+    eng.runner.prefill_program = recording("engine prefill", eng.runner.prefill_program, seen)
+    eng.runner.decode_program = recording("engine decode", eng.runner.decode_program, seen)
     eng.start()
     try:
         done = threading.Event()
-        eng.submit(engine.Request([1, 2, 3], engine.Sampling(max_tokens=3, temperature=0.0), 1,
+        eng.submit(Request([1, 2, 3], Sampling(max_tokens=3, temperature=0.0), 1,
                                   on_token=lambda c, t: None, on_finish=lambda c, why: done.set()))
         assert done.wait(120)
     finally:
@@ -296,7 +298,7 @@ def test_a_float16_run_samples_evaluates_exports_and_serves(recipe_runs, tmp_pat
     eng = engine.Engine(model, max_batch=2).start()
     try:
         served, done = [], threading.Event()
-        eng.submit(engine.Request(prompt, engine.Sampling(max_tokens=40, temperature=0.0), 1,
+        eng.submit(Request(prompt, Sampling(max_tokens=40, temperature=0.0), 1,
                                   on_token=lambda c, t: served.append(t), on_finish=lambda c, why: done.set()))
         assert done.wait(120)
     finally:

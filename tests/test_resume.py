@@ -4,6 +4,7 @@ the uninterrupted run on the new shape draws, with losses within float32 reducti
 model, the data, tokens per step, the seed) is one error that writes nothing; an unreadable checkpoint names the
 latest earlier step that reads, and resume_step resumes from it without deleting anything."""
 import collections
+import dataclasses
 import json
 import os
 import pathlib
@@ -290,3 +291,103 @@ def test_a_checkpoint_from_before_the_position_item_resumes(tmp_path, monkeypatc
         resume_worker.recording(train.Trainer, str(tmp_path / record))
         train.train(config(legacy / "data", **settings), str(workdir))
     assert_same_later_steps(legacy, tmp_path / "today", 4, 8, tmp_path / "legacy.rec", tmp_path / "today.rec")
+
+
+# --- the pieces, without a run ----------------------------------------------------------------------------------
+
+def test_the_layout_line_names_what_changed_and_nothing_when_nothing_did():
+    from jaxgpt import resume
+    two = {"processes": 2, "mesh": {"data": 4, "fsdp": 1, "tensor": 1}, "batch_size": 8, "grad_accum_steps": 1}
+    one = {"processes": 1, "mesh": {"data": 1, "fsdp": 2, "tensor": 2}, "batch_size": 4, "grad_accum_steps": 2}
+    assert resume.describe(two) == "2 processes on data=4, micro-batches of 8 x 1"
+    assert resume.describe(one) == "1 process on fsdp=2 x tensor=2, micro-batches of 4 x 2"
+    assert resume.describe({**one, "mesh": {"data": 1, "fsdp": 1, "tensor": 1}}) == \
+        "1 process on data=1, micro-batches of 4 x 2"
+    assert resume.describe({"processes": 3}) == "3 processes"  # a checkpoint from before the layout record
+    assert resume.changed(two, two) == ""
+    assert resume.changed(two, one) == f", written by {resume.describe(two)}; now {resume.describe(one)}"
+    assert resume.changed(two, {**two, "grad_accum_steps": 2}).endswith("micro-batches of 8 x 2")
+    assert resume.changed({"processes": 2}, two) == ""  # what an old record holds is all it can compare
+    assert resume.changed({"processes": 1}, two) == f", written by 1 process; now {resume.describe(two)}"
+
+
+def refusal():
+    from jaxgpt import resume
+    return resume.Refusal("runs/a", 40)
+
+
+def test_compute_only_fields_may_change_and_the_shape_may_not():
+    from jaxgpt import model
+    ours = model.GPTConfig(vocab_size=64, block_size=32, n_layer=2, n_head=2, n_embd=32)
+    saved = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(ours).items()}  # as JSON
+    for field, value in (("dtype", "bfloat16"), ("remat", "full"), ("kernels", "reference"), ("loss_chunk", 0),
+                         ("scan_layers", True), ("dropout", 0.1)):
+        refusal().check_model({**saved, field: value}, ours)
+    with pytest.raises(UserValueError, match=r"^runs/a's checkpoint \(step 40\) is of another model: n_layer=4 there, "
+                                             r"2 here, n_head=4 there, 2 here; resume with the model config that "
+                                             r"made it, or start a new run from its weights with --workdir=NEW_DIR "
+                                             r"--config.init_from=runs/a$"):
+        refusal().check_model({**saved, "n_layer": 4, "n_head": 4}, ours)
+
+
+def training(**fields):
+    from configs import tiny
+    c = tiny.get_config()
+    c.update_from_flattened_dict(fields)
+    return c
+
+
+def saved_training(**fields):
+    return training(**fields).to_dict()
+
+
+def test_tokens_per_step_may_be_split_otherwise_but_not_changed():
+    from jaxgpt import loader
+    mc = loader.model_config(training(), 65)
+    refusal().check_training(saved_training(batch_size=8, grad_accum_steps=2), training(batch_size=16), mc, False)
+    refusal().check_training(saved_training(batch_size=8, grad_accum_steps=2),
+                             training(batch_size=4, grad_accum_steps=4), mc, False)
+    with pytest.raises(UserValueError, match=r"trained with 512 tokens per step \(batch_size=8 x grad_accum_steps=2 x "
+                                             r"block_size=32\), this run takes 1,024 \(batch_size=8 x "
+                                             r"grad_accum_steps=4\); resume with --config.tokens_per_step=512, or "):
+        refusal().check_training(saved_training(batch_size=8, grad_accum_steps=2),
+                                 training(batch_size=8, grad_accum_steps=4), mc, False)
+
+
+def test_the_optimizer_and_the_loss_scale_may_not_change():
+    from jaxgpt import loader
+    mc = loader.model_config(training(), 65)
+    with pytest.raises(UserValueError, match="trained with optim.name=muon, this run has adamw: the optimizer state "
+                                             "does not carry over; resume with --config.optim.name=muon, or "):
+        refusal().check_training(saved_training(**{"optim.name": "muon"}), training(), mc, False)
+    old = saved_training()
+    del old["optim"]["name"]  # a checkpoint from before Muon: AdamW
+    refusal().check_training(old, training(), mc, False)
+    fp16 = saved_training(**{"model.dtype": "float16"})
+    refusal().check_training(fp16, training(**{"model.dtype": "float16"}), mc, True)
+    with pytest.raises(UserValueError, match="trained with model.dtype=float16 and optim.loss_scale=auto, which does "
+                                             "keep a loss scale; resume with those, or "):
+        refusal().check_training(fp16, training(), mc, False)
+    with pytest.raises(UserValueError, match="optim.loss_scale=none, which does not keep a loss scale"):
+        refusal().check_training(saved_training(**{"optim.loss_scale": "none"}), training(), mc, True)
+
+
+def test_the_data_stream_may_move_but_not_change():
+    stream = {"seed": 0, "window_tokens": 33, "shards": [["train_000000.bin", 1000, "aa"]]}
+    c = training(**{"data.dir": "/mnt/x"})
+    refusal().check_stream(stream, {**stream, "shards": [list(s) for s in stream["shards"]]}, c)
+    with pytest.raises(UserValueError, match="trained with seed=0, this run has seed=3: the data order would change; "
+                                             "resume with --config.seed=0, or "):
+        refusal().check_stream(stream, {**stream, "seed": 3}, c)
+    many = {**stream, "shards": [[f"train_{i:06d}.bin", 1000, "aa"] for i in range(6)]}
+    other = {**stream, "shards": [[f"train_{i:06d}.bin", 999 if i % 2 else 1000, "bb" if i else "aa"]
+                                  for i in range(1, 7)]}
+    with pytest.raises(UserValueError) as e:
+        refusal().check_stream(many, other, c)
+    assert ("was trained on another data set: 6 train shards there, 6 here, differing in train_000000.bin: 1,000 "
+            "tokens (aa) there, absent here; train_000001.bin: 1,000 tokens (aa) there, 999 tokens (bb) here; "
+            "train_000002.bin: 1,000 tokens (aa) there, 1,000 tokens (bb) here and 4 more, in data.dir=/mnt/x; point "
+            "--config.data.dir at the data it was trained on, or ") in str(e.value)
+    with pytest.raises(UserValueError, match="trained on windows of 33 tokens, this run's are 65; resume with "
+                                             "--config.model.block_size=32, or "):
+        refusal().check_stream(stream, {**stream, "window_tokens": 65}, c)

@@ -18,8 +18,11 @@ import numpy as np
 import pytest
 import uvicorn
 
-from jaxgpt import checkpoint, engine, generate, sample, serve
+from jaxgpt import checkpoint, generate, sample, serve
 from jaxgpt.model import GPTConfig, build
+from jaxgpt.serving import app as serving_app
+from jaxgpt.serving import engine, protocol
+from jaxgpt.serving.request import Request, Sampling
 from jaxgpt.tokenizer import CharTokenizer
 
 CHARS = sorted(set("abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ.,;:!?'\n-"))
@@ -65,7 +68,7 @@ def run_engine(eng, requests, timeout=120):
             done.set()
     for i, (prompt, sampling, n, delay) in enumerate(requests):
         time.sleep(delay)
-        eng.submit(engine.Request(prompt, sampling, n,
+        eng.submit(Request(prompt, sampling, n,
                                   on_token=lambda c, t, i=i: tokens.setdefault((i, c), []).append(t),
                                   on_finish=lambda c, why, i=i: finish((i, c), why)))
     assert done.wait(timeout), f"{len(reasons)} of {total} sequences finished"
@@ -80,7 +83,7 @@ def test_engine_greedy_equals_generate_whatever_the_batch(model):
     requests = []
     for i, p in enumerate(prompts):
         sampled = i % 2 == 1
-        s = engine.Sampling(max_tokens=int(rng.integers(3, 20)), temperature=0.9 if sampled else 0.0,
+        s = Sampling(max_tokens=int(rng.integers(3, 20)), temperature=0.9 if sampled else 0.0,
                             top_k=[0, 5, 0, 20][i % 4], top_p=0.8 if i % 3 == 0 else 1.0, seed=i)
         requests.append((p, s, 2 if i % 5 == 0 else 1, 0.002 * (i % 3)))
     eng = engine.Engine(model, max_batch=8).start()
@@ -88,7 +91,7 @@ def test_engine_greedy_equals_generate_whatever_the_batch(model):
         tokens, reasons = run_engine(eng, requests)
     finally:
         eng.stop()
-    assert eng.max_rows == 8 and len(eng.batch_rows) > 3  # full batches, and batches of other sizes
+    assert eng.counters.max_rows == 8 and len(eng.counters.batch_rows) > 3  # full batches, and other sizes
     greedy_ones = [i for i, (_, s, _, _) in enumerate(requests) if s.temperature == 0]
     longest = max(requests[i][1].max_tokens for i in greedy_ones)  # greedy tokens do not depend on how many follow
     reference = generate.generate(model, [requests[i][0] for i in greedy_ones], max_new_tokens=longest, temperature=0)
@@ -117,7 +120,7 @@ def test_engine_runs_the_speedrun_blocks_as_generate_does():
     prompts = [rng.integers(0, len(CHARS), int(n)).tolist() for n in (3, 17, 9, 30)]
     eng = engine.Engine(speedrun, max_batch=4).start()
     try:
-        tokens, _ = run_engine(eng, [(p, engine.Sampling(max_tokens=12, temperature=0.0), 1, 0.002 * i)
+        tokens, _ = run_engine(eng, [(p, Sampling(max_tokens=12, temperature=0.0), 1, 0.002 * i)
                                      for i, p in enumerate(prompts)])
     finally:
         eng.stop()
@@ -130,10 +133,10 @@ def test_engine_stops_at_end_of_text_and_cancels(model):
     eot = greedy(model, "ROMEO:", 1)[0]  # the first greedy token, declared end-of-text: the choice is empty
     eng = engine.Engine(model, max_batch=4, eot_id=eot).start()
     try:
-        tokens, reasons = run_engine(eng, [(TOK.encode("ROMEO:"), engine.Sampling(max_tokens=20, temperature=0), 1, 0)])
+        tokens, reasons = run_engine(eng, [(TOK.encode("ROMEO:"), Sampling(max_tokens=20, temperature=0), 1, 0)])
         assert reasons == {(0, 0): "stop"} and (0, 0) not in tokens
         seen, finished = [], threading.Event()
-        request = engine.Request(TOK.encode("a"), engine.Sampling(max_tokens=80, temperature=1.0, seed=1), 1,
+        request = Request(TOK.encode("a"), Sampling(max_tokens=80, temperature=1.0, seed=1), 1,
                                  on_token=lambda c, t: seen.append(t), on_finish=lambda c, why: finished.set())
         eng.submit(request)
         while not seen:
@@ -151,9 +154,9 @@ def test_engine_slides_past_the_context_as_generate(model):
     context give generate's tokens, and a sampled one beside them its own tokens whatever the batch."""
     rng = np.random.default_rng(1)
     B = CONFIG.block_size
-    requests = [(rng.integers(0, len(CHARS), n).tolist(), engine.Sampling(max_tokens=int(m), temperature=0.0), 1, 0)
+    requests = [(rng.integers(0, len(CHARS), n).tolist(), Sampling(max_tokens=int(m), temperature=0.0), 1, 0)
                 for n, m in zip((1, B - 1, B, B + 50), rng.integers(B + 10, 2 * B + 30, 4))]
-    sampled = (TOK.encode("ROMEO:"), engine.Sampling(max_tokens=2 * B, temperature=0.9, top_k=20, seed=5), 1, 0)
+    sampled = (TOK.encode("ROMEO:"), Sampling(max_tokens=2 * B, temperature=0.9, top_k=20, seed=5), 1, 0)
     eng = engine.Engine(model, max_batch=4).start()  # 5 requests: one waits, and joins rows that slide
     try:
         tokens, reasons = run_engine(eng, [*requests, sampled])
@@ -168,7 +171,7 @@ def test_engine_slides_past_the_context_as_generate(model):
 
 
 def test_choice_text_holds_back_stop_strings():
-    choice = serve.Choice(TOK, ["END", "xy"])
+    choice = protocol.ChoiceText(TOK, ["END", "xy"])
     pieces = [choice.add(t) for t in TOK.encode("abcEN")]
     assert "".join(pieces) == "abc" and not choice.stopped  # "EN" may become "END"
     assert choice.add(TOK.encode("d")[0]) == "ENd" and not choice.stopped
@@ -201,7 +204,7 @@ def server(model):
     """A live server in this process: (base url, its Engine)."""
     eng = engine.Engine(model, max_batch=32).start()
     try:
-        with live(serve.Server(eng, TOK, "tiny").app()) as url:
+        with live(serving_app.Server(eng, TOK, "tiny").app()) as url:
             yield url, eng
     finally:
         eng.stop()
@@ -288,6 +291,24 @@ def test_http_bad_requests_get_one_json_error(server, body, status, says):
     assert says in r.json()["error"]["message"] and r.json()["error"]["type"]
     assert eng.stats()["waiting"] == 0
 
+@pytest.mark.parametrize("body, param", [
+    ('{"prompt": "a", "logprobs": 2}', "logprobs"),
+    ('{"prompt": "a", "max_tokens": 0}', "max_tokens"),
+    ('{"prompt": "a", "max_tokens": 1000000}', "max_tokens"),
+    ('{"prompt": "a", "n": 33}', "n"),
+    ('{"prompt": ["a", "b"], "n": 17}', "n"),
+    ('{"prompt": "a", "model": "gpt-4"}', "model"),
+    ('{"prompt": "\\u00e9t\\u00e9"}', "prompt"),
+    ('{"prompt": [1, 2, 999]}', "prompt"),
+    ('{"prompt": []}', "prompt"),
+    ('{"prompt": "a", "stop": ["", "b"]}', "stop"),
+])
+def test_http_errors_name_the_field_at_fault(server, body, param):
+    """An error's `param` is the request field at fault (OpenAI's error shape), whatever its message says."""
+    url, _ = server
+    r = post(f"{url}/v1/completions", content=body, headers={"Content-Type": "application/json"})
+    assert r.status_code in (400, 404) and r.json()["error"]["param"] == param, r.text
+
 
 def test_http_client_disconnect_frees_its_rows(server, model):
     url, eng = server
@@ -308,7 +329,7 @@ def test_http_load_32_clients_8_requests_each(server, model):
     """256 requests from 32 concurrent clients: no errors, every greedy answer right, requests batched."""
     url, eng = server
     want = {t: TOK.decode(greedy(model, t, 12)) for t in TEXTS}
-    steps_before = eng.steps
+    steps_before = eng.counters.steps
 
     async def client(i, http):
         out = []
@@ -327,7 +348,8 @@ def test_http_load_32_clients_8_requests_each(server, model):
             return await asyncio.wait_for(asyncio.gather(*(client(i, http) for i in range(32))), 120)
     results = asyncio.run(main())
     assert all(all(r) for r in results)
-    assert eng.max_rows >= 16 and eng.steps - steps_before < 256 * 12 / 4  # steps shared by many requests
+    # steps shared by many requests
+    assert eng.counters.max_rows >= 16 and eng.counters.steps - steps_before < 256 * 12 / 4
 
 
 KEY = "sk-test-0123456789abcdef"
@@ -338,17 +360,17 @@ def test_http_api_key_and_body_limit(server):
     the queue; /healthz and the page stay open. Bodies over the limit get a 413 before they are parsed, with a
     Content-Length or chunked."""
     _, eng = server
-    with live(serve.Server(eng, TOK, "tiny", api_key=KEY, max_request_bytes=4096).app()) as url:
+    with live(serving_app.Server(eng, TOK, "tiny", api_key=KEY, max_request_bytes=4096).app()) as url:
         good = {"Authorization": f"Bearer {KEY}"}
         assert get(f"{url}/healthz").status_code == 200 and get(f"{url}/").status_code == 200
-        steps, tokens = eng.steps, eng.tokens
+        steps, tokens = eng.counters.steps, eng.counters.tokens
         for headers in ({}, {"Authorization": f"Bearer {KEY}x"}, {"Authorization": KEY},
                         {"Authorization": f"Basic {KEY}"}):
             r = post(f"{url}/v1/completions", content='{"prompt": "a", "max_tokens": ', headers=headers)  # bad JSON
             assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", (headers, r.text)
             assert r.headers["www-authenticate"] == "Bearer" and KEY not in r.text
             assert get(f"{url}/v1/models", headers=headers).status_code == 401
-        assert (eng.steps, eng.tokens, eng.stats()["waiting"]) == (steps, tokens, 0)  # nothing of them ran
+        assert (eng.counters.steps, eng.counters.tokens, eng.stats()["waiting"]) == (steps, tokens, 0)  # none ran
         assert get(f"{url}/v1/models", headers=good).json()["data"][0]["id"] == "tiny"
         r = post(f"{url}/v1/completions", json=dict(prompt="a", max_tokens=3),
                  headers={"Authorization": f"bearer {KEY}"})
@@ -375,15 +397,15 @@ def test_engine_failure_fails_visibly(model):
     with an error event, the waiting request and every later one get a 503 JSON error at once, /healthz says 503
     and why. Then the server's run (jaxgpt.serve.run) drains and raises, for the process to exit non-zero."""
     eng = engine.Engine(model, max_batch=2).start()
-    gate, calls, original = threading.Event(), [], eng._step
+    gate, calls, original = threading.Event(), [], eng.runner.decode
 
-    def failing_step():
+    def failing_step(*args):
         calls.append(1)
         if len(calls) == 3:
             assert gate.wait(60)
             raise RuntimeError("injected fault in a decode step")
-        original()
-    eng._step = failing_step
+        return original(*args)
+    eng.runner.decode = failing_step
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     url = f"http://127.0.0.1:{sock.getsockname()[1]}"
@@ -391,13 +413,13 @@ def test_engine_failure_fails_visibly(model):
 
     def run():
         try:
-            serve.run(serve.Server(eng, TOK, "tiny").app(), eng, sockets=[sock], drain_timeout=10)
+            serving_app.run(serving_app.Server(eng, TOK, "tiny").app(), eng, sockets=[sock], drain_timeout=10)
         except engine.EngineFailed as e:
             outcome["failed"] = e.reason
     server_thread = threading.Thread(target=run, daemon=True)
     server_thread.start()
     try:
-        serve.wait_until_serving(url, 60)
+        serving_app.wait_until_serving(url, 60)
         with stream(f"{url}/v1/completions", json=dict(prompt="a", n=2, max_tokens=50, stream=True)) as r:
             lines = r.iter_lines()
             assert next(lines).startswith("data: {")  # running, both rows taken
@@ -432,9 +454,9 @@ def test_engine_failure_fails_visibly(model):
 def test_failed_engine_answers_503(model):
     """/healthz and new requests once the engine has failed (a server that has not yet exited)."""
     eng = engine.Engine(model, max_batch=2).start()
-    eng._step = lambda: 1 / 0
+    eng.runner.decode = lambda *args: 1 / 0
     try:
-        with live(serve.Server(eng, TOK, "tiny").app()) as url:
+        with live(serving_app.Server(eng, TOK, "tiny").app()) as url:
             r = post(f"{url}/v1/completions", json=dict(prompt="a", max_tokens=5, stream=True))
             assert "ZeroDivisionError" in r.text and "[DONE]" not in r.text
             health = get(f"{url}/healthz")
@@ -486,7 +508,7 @@ def test_page_defaults_stream_on_a_64_token_model_in_a_headless_browser(tmp_path
     log = open(tmp_path / "server.log", "w")
     proc, url = start_server(checkpoint.save_model(small, str(tmp_path / "tiny64"), TOK), log=log, key=KEY)
     try:
-        serve.wait_until_serving(url, 300, proc)
+        serving_app.wait_until_serving(url, 300, proc)
         with sync_playwright() as p:
             chrome = launch(p)
             page = chrome.new_page()
@@ -527,7 +549,7 @@ def test_sigterm_drains_then_exits_0_and_the_key_stays_out_of_the_output(model_d
         proc, url = start_server(model_dir, "--drain_timeout=60", log=log, key=KEY)
         good = {"Authorization": f"Bearer {KEY}"}
         try:
-            serve.wait_until_serving(url, 300, proc)
+            serving_app.wait_until_serving(url, 300, proc)
             assert post(f"{url}/v1/completions", json=dict(prompt="a"),
                         headers={"Authorization": f"Bearer {wrong}"}).status_code == 401
             assert post(f"{url}/v1/completions", json=dict(prompt="a", max_tokens=2), headers=good).status_code == 200
