@@ -43,10 +43,9 @@ from absl import app, flags  # noqa: E402
 
 import torch_bridge  # noqa: E402
 from bench import harness, peers  # noqa: E402
-from jaxgpt import quantize  # noqa: E402
-from jaxgpt.generate import next_power_of_two  # noqa: E402
-from jaxgpt.serving import engine  # noqa: E402
-from jaxgpt.serving.app import wait_until_serving  # noqa: E402
+from jaxgpt import generate, quantize  # noqa: E402
+from jaxgpt.serving import app as http_app  # noqa: E402
+from jaxgpt.serving import engine
 from jaxgpt.serving.request import Request, Sampling  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -205,7 +204,7 @@ def start_server(hf_dir, weights, clients):
     port = sock.getsockname()[1]
     sock.close()
     proc = subprocess.Popen([sys.executable, "-m", "jaxgpt.serve", f"--hf={hf_dir}", f"--port={port}",
-                             f"--weights={weights}", f"--max_batch={next_power_of_two(max(clients))}"])
+                             f"--weights={weights}", f"--max_batch={generate.next_power_of_two(max(clients))}"])
     return proc, f"http://127.0.0.1:{port}"
 
 
@@ -215,10 +214,10 @@ def load(hf, weights, clients: list[int], results: Results):
         hf.save_pretrained(d)
         proc, url = start_server(d, weights, clients)
         try:
-            wait_until_serving(url, wait_s(), proc)
+            http_app.wait_until_serving(url, wait_s(), proc)
             rng = np.random.default_rng(0)
             start = time.perf_counter()
-            warm_up(url, next_power_of_two(max(clients)), rng, hf.config.vocab_size)
+            warm_up(url, generate.next_power_of_two(max(clients)), rng, hf.config.vocab_size)
             for c in clients:  # and the HTTP side of each wave
                 wave(url, c, 1, FLAGS.load_tokens, rng, hf.config.vocab_size)
             warm = time.perf_counter() - start
