@@ -87,7 +87,6 @@ def restored_model(config: GPTConfig, restore, where: str) -> GPT:
 # (the model config and the whole training config). Orbax writes each step to a temporary directory and renames it
 # when complete, so a run killed mid-save leaves the previous checkpoint as the latest usable one. Checkpoints
 # written before the position item hold `data` instead: each process's grain iterator state (LEGACY_DATA).
-TRAIN_ITEMS = ("params", "train", "position", "config")
 LEGACY_DATA = "data"
 SET_ASIDE = "set_aside"  # WORKDIR/set_aside/<step>: later checkpoints moved out of the way by resume_step
 
@@ -190,6 +189,8 @@ def check_structure(manager, step: int, **targets):
     where = f"{manager.directory}/{step}"
     metadata = readable(manager.item_metadata, step, where=where)
     for name, target in targets.items():
+        if metadata.get(name) is None:
+            raise UnreadableCheckpoint(where, f"its {name} item is missing")
         saved, wanted = _shapes(metadata[name]), _shapes(target)
         if saved != wanted:
             diff = sorted(k for k in saved.keys() | wanted.keys() if saved.get(k) != wanted.get(k))

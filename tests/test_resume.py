@@ -259,6 +259,14 @@ def test_an_unreadable_step_names_the_latest_that_reads_and_resume_step_goes_bac
                                                                     for p in kept}  # nothing lost
 
 
+def test_a_step_missing_an_item_is_unreadable_and_says_which(data_dir, trained, tmp_path):
+    workdir = shutil.copytree(trained, tmp_path / "run")
+    shutil.rmtree(workdir / "checkpoints" / "4" / "train")  # a copy that lost a directory on the way
+    with pytest.raises(checkpoint.UnreadableCheckpoint, match=r"checkpoints/4: its train item is missing; no earlier "
+                                                              r"checkpoint reads either$"):
+        train.train(config(data_dir, max_steps=8), str(workdir))
+
+
 def test_resume_step_that_is_not_there_names_the_steps(data_dir, trained):
     with pytest.raises(UserFileNotFoundError, match=r"resume_step=6: .* holds no checkpoint at that step; it holds "
                                                     r"steps \[4\]"):
