@@ -283,6 +283,29 @@ def test_an_overflowing_step_is_skipped_whole_and_halves_the_scale():
     assert min(jax.tree.leaves(moved)) > 0
 
 
+@pytest.mark.parametrize("accum", [1, 2])
+def test_float16_step_gradient_norm_equals_the_unscaled_float32_run(accum):
+    """A finite float16 step under the scale 2^16 reports (and clips, and hands AdamW) the mean gradient unscaled:
+    its gradient norm, loss and lr are the float32 run's, with one micro-batch (no division by the count) and with
+    two."""
+    tokens = np.random.default_rng(5).integers(0, 100, (2, accum, 2, 33)).astype(np.int32)
+    batches = {"inputs": jnp.asarray(tokens[..., :-1]), "targets": jnp.asarray(tokens[..., 1:])}
+    runs = {}
+    for dtype in ("float32", "float16"):
+        c = base.get_config()
+        c.update_from_flattened_dict({"max_steps": 10, "optim.warmup_steps": 1, "mesh.data": 1,
+                                      "grad_accum_steps": accum, "optim.grad_clip": 0.5})
+        config = gpt.GPTConfig(**SMALL, dtype=dtype)
+        steps = step.make_steps(c, config, sharding.make_mesh(c.mesh, jax.devices()[:1]))
+        runs[dtype] = jax.tree.map(np.asarray, steps.train_steps(step.fresh_state(steps, config, 0), batches)[1])
+    m32, m16 = runs["float32"], runs["float16"]
+    assert list(m16["loss_scale"]) == [2.0 ** 16] * 2 and list(m16["skipped"]) == [0, 0]
+    assert m32["grad_norm"][0] > 0.5  # clipping acts
+    np.testing.assert_allclose(m16["grad_norm"], m32["grad_norm"], rtol=2e-2)
+    np.testing.assert_allclose(m16["loss"], m32["loss"], rtol=2e-3)
+    np.testing.assert_allclose(m16["lr"], m32["lr"], rtol=1e-7)
+
+
 @pytest.mark.gpu
 def test_float16_gradients_equal_float32_s_within_float16_rounding():
     """The unscaled float16 gradient of a step against float32's: the loss scale is divided out exactly once."""
