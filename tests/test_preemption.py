@@ -131,6 +131,48 @@ def test_a_watch_off_the_main_thread_installs_nothing():
     assert not made[0].stop_after_call(1)
 
 
+def test_several_processes_stop_where_the_preemption_sync_point_says(monkeypatch, capsys):
+    """Several processes (jaxgpt/preemption.py): SIGTERM is left to JAX's preemption service, SIGINT is passed on
+    to it as SIGTERM (once), and every step id goes to reached_preemption_sync_point in order and once (from 1: a
+    resumed run's first check covers the steps before it); the loop stops where it says yes. Without the service
+    (a RuntimeError) the run goes on as one process: a warning, no stop."""
+    monkeypatch.setattr(preemption.jax, "process_count", lambda: 2)
+    asked = []
+    monkeypatch.setattr(preemption.multihost_utils, "reached_preemption_sync_point",
+                        lambda s: asked.append(s) or s == 6)
+    forwarded = []
+    theirs = signal.signal(signal.SIGTERM, lambda s, f: forwarded.append(s))  # the service's handler
+    watch = preemption.Watch()
+    try:
+        assert signal.SIGTERM not in watch.previous and signal.getsignal(signal.SIGTERM) != signal.SIG_DFL
+        assert not watch.stop_before_call(2) and asked == [1, 2]
+        assert not watch.stop_after_call(4) and not watch.stop_before_call(4) and asked == [1, 2, 3, 4]
+        deliver(signal.SIGINT)
+        deliver(signal.SIGINT)
+        assert forwarded == [signal.SIGTERM] and watch.cause == "SIGINT received"
+        assert not watch.stop_after_call(5) and watch.stop_after_call(7) and watch.stopped
+        assert asked == [1, 2, 3, 4, 5, 6, 7]
+    finally:
+        watch.restore()
+        signal.signal(signal.SIGTERM, theirs)
+
+    def no_service(s):
+        raise RuntimeError("preemption service not enabled")
+    monkeypatch.setattr(preemption.multihost_utils, "reached_preemption_sync_point", no_service)
+    watch = preemption.Watch()
+    try:
+        assert not watch.stop_after_call(1) and not watch.multi
+        assert "a signal ends this run without a checkpoint" in capsys.readouterr().out
+    finally:
+        watch.restore()
+    quiet = preemption.Watch()  # a notice with no signal here: the cause says so
+    try:
+        monkeypatch.setattr(preemption.multihost_utils, "reached_preemption_sync_point", lambda s: True)
+        assert quiet.stop_before_call(1) and "preemption notice" in quiet.cause
+    finally:
+        quiet.restore()
+
+
 def test_preempted_says_what_was_saved():
     saved = str(preemption.Preempted(12, "SIGTERM received", "out/gpt2", saved=True))
     assert saved == ("SIGTERM received: stopped at step 12, saved a checkpoint at step 12 in out/gpt2; run the same "
