@@ -269,6 +269,19 @@ def test_trapezoid_options_at_other_values(warmup):
     assert ours[-3:] == [pytest.approx(3e-4, rel=1e-6)] * 3 and ours[steps.index(150)] == pytest.approx(1e-3)
 
 
+def test_cooldown_frac_is_in_0_to_1_inclusive():
+    """(0, 1]: 1 is allowed (no constant phase: modded-nanogpt's line from step 0), above 1 or at 0 is not."""
+    o = optim_config(lr=1e-3, min_lr_ratio=0.1, warmup_steps=0, decay_steps=0, schedule="trapezoid",
+                     cooldown_frac=1.0)
+    schedule = optim.learning_rate_schedule(o, max_steps=50)
+    ours = [float(schedule(s)) for s in (0, 10, 25, 49, 50)]
+    np.testing.assert_allclose(ours, [1e-3 * modded_get_lr(s, 0, 50, 1.0, 0.1) for s in (0, 10, 25, 49, 50)],
+                               rtol=1e-6)
+    for bad in (0.0, 1.5, -0.2):
+        with pytest.raises(UserValueError, match=rf"optim.cooldown_frac={bad} must be in \(0, 1\]"):
+            optim.learning_rate_schedule(optim_config(schedule="trapezoid", cooldown_frac=bad), max_steps=500)
+
+
 def test_decay_mask_and_param_groups_by_name():
     """nanoGPT's rule: decay on the weights of 2+ dims (kernels, embeddings, an untied head), never on biases or
     norm scales, even where scan_layers stacks them into 2-D arrays; Muon's groups: the kernels (muon), wte, wpe

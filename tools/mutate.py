@@ -69,6 +69,7 @@ TESTS = {
         "tests/test_optim.py::test_decay_steps_zero_means_max_steps_and_no_warmup_starts_at_the_peak",
         "tests/test_optim.py::test_trapezoid_schedule_matches_modded_nanogpts_get_lr",
         "tests/test_optim.py::test_trapezoid_options_at_other_values",
+        "tests/test_optim.py::test_cooldown_frac_is_in_0_to_1_inclusive",
         "tests/test_optim.py::test_grad_clip_is_optax_clip_by_global_norm_and_0_disables_it",
         "tests/test_optim.py::test_decay_mask_and_param_groups_by_name",
         "tests/test_optim.py::test_muon_steps_match_a_numpy_transcription_of_modded_nanogpt",
