@@ -90,6 +90,7 @@ def test_one_process_stops_after_the_call_on_sigterm_or_sigint_and_restores_the_
     previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     watch = preemption.Watch()
     try:
+        assert watch.stopped is False and watch.cause is None  # nobody said yes yet
         assert signal.getsignal(signal.SIGTERM) != previous[signal.SIGTERM]
         assert signal.getsignal(signal.SIGINT) != previous[signal.SIGINT]
         assert not watch.stop_before_call(0) and not watch.stop_after_call(1) and not watch.stopped
@@ -174,7 +175,9 @@ def test_several_processes_stop_where_the_preemption_sync_point_says(monkeypatch
 
 
 def test_preempted_says_what_was_saved():
-    saved = str(preemption.Preempted(12, "SIGTERM received", "out/gpt2", saved=True))
+    stop = preemption.Preempted(12, "SIGTERM received", "out/gpt2", saved=True)
+    assert (stop.step, stop.cause, stop.saved) == (12, "SIGTERM received", True)
+    saved = str(stop)
     assert saved == ("SIGTERM received: stopped at step 12, saved a checkpoint at step 12 in out/gpt2; run the same "
                      "command to resume")  # docs/scaling.md's line
     assert "stopped at step 0, nothing new to save (step 0) in w" in str(preemption.Preempted(0, "x", "w", False))
