@@ -162,7 +162,7 @@ def test_several_processes_stop_where_the_preemption_sync_point_says(monkeypatch
     monkeypatch.setattr(preemption.multihost_utils, "reached_preemption_sync_point", no_service)
     watch = preemption.Watch()
     try:
-        assert not watch.stop_after_call(1) and not watch.multi
+        assert watch.stop_after_call(1) is False and not watch.multi  # -> bool
         assert "a signal ends this run without a checkpoint" in capsys.readouterr().out
     finally:
         watch.restore()
