@@ -382,7 +382,8 @@ def jaxgpt_kernel(path: str, weights: list[np.ndarray], shape, stacked: bool) ->
 
 
 MUON = dict(name="muon", lr=3e-3, muon_lr=0.05, embed_lr=0.02, head_lr=7e-3, muon_momentum=0.9, grad_clip=0.7,
-            muon_weight_decay=0.1, weight_decay=0.1, warmup_steps=0, schedule="trapezoid", cooldown_frac=0.5)
+            muon_weight_decay=0.1, weight_decay=0.1, warmup_steps=0, schedule="trapezoid", cooldown_frac=0.5,
+            b1=0.85, b2=0.98, eps=1e-7)  # AdamW's betas and eps away from the defaults too
 GROUP_LRS = {"embedding": 0.02, "lm_head": 7e-3}  # by name; norms, biases, value-mix lambdas: lr
 
 
