@@ -146,11 +146,78 @@ def test_dynamic_scale_doubles_after_period_finite_steps_and_halves_on_overflow(
     assert history == [(s, 1, 0), (s, 2, 0), (2 * s, 0, 0), (2 * s, 1, 0), (s, 0, 1), (s, 1, 1), (s, 2, 1),
                        (2 * s, 0, 1)]
     floor = loss_scale.LossScale(jnp.float32(1.0), jnp.int32(0), jnp.int32(0), period=3).adjust(jnp.bool_(False))
-    assert float(floor.scale) == loss_scale.MIN_SCALE
+    assert float(floor.scale) == 1.0  # the least scale
     fixed = loss_scale.create("8", "float16", 3)
     for finite in [True, True, True, False]:
         fixed = fixed.adjust(jnp.bool_(finite))
     assert (float(fixed.scale), int(fixed.skipped)) == (8.0, 1)
+
+
+@pytest.mark.parametrize("period", [1, 3])
+def test_the_dynamic_scale_follows_pytorch_gradscalers_rule(period):
+    """README: PyTorch GradScaler's rule, from 2^16: torch's own update (growth 2, backoff 0.5, growth_interval
+    = loss_scale_period) step by step, and the steps it skips counted; a period of 1 is allowed (>= 1)."""
+    torch = pytest.importorskip("torch")
+    ls = loss_scale.create("dynamic", "float16", period=period)
+    scale, tracker = torch.tensor([65536.0]), torch.tensor([0], dtype=torch.int32)
+    pattern = [True, True, False, True, True, True, True, False, False, True, True, True, True]
+    for i, finite in enumerate(pattern):
+        ls = ls.adjust(jnp.bool_(finite))
+        torch._amp_update_scale_(scale, tracker, torch.tensor([0.0 if finite else 1.0]), 2.0, 0.5, period)
+        assert (float(ls.scale), int(ls.good_steps)) == (scale.item(), tracker.item()), (i, finite)
+        assert int(ls.skipped) == pattern[:i + 1].count(False)
+
+
+def test_the_dynamic_scale_halves_down_to_1_and_no_lower():
+    ls = loss_scale.LossScale(jnp.float32(4.0), jnp.int32(0), jnp.int32(0), period=5)
+    scales = []
+    for _ in range(4):
+        ls = ls.adjust(jnp.bool_(False))
+        scales.append(float(ls.scale))
+    assert scales == [2.0, 1.0, 1.0, 1.0] and int(ls.skipped) == 4
+
+
+def test_a_fixed_scale_never_changes_and_counts_skipped_steps():
+    fixed = loss_scale.create("0.5", "float16", period=3)  # a fixed scale: any positive number, the period unused
+    assert (float(fixed.scale), fixed.period) == (0.5, 0)
+    history = []
+    for finite in [True, False, True, True, True, True, False, False]:
+        fixed = fixed.adjust(jnp.bool_(finite))
+        history.append((float(fixed.scale), int(fixed.good_steps), int(fixed.skipped)))
+    assert history == [(0.5, 0, 0), (0.5, 0, 1), (0.5, 0, 1), (0.5, 0, 1), (0.5, 0, 1), (0.5, 0, 1), (0.5, 0, 2),
+                       (0.5, 0, 3)]
+
+
+@pytest.mark.parametrize("setting, dtype, expected", [
+    (" Dynamic ", "float16", ("dynamic", 2.0 ** 16, 7)), ("AUTO", "float16", ("dynamic", 2.0 ** 16, 7)),
+    ("NONE", "bfloat16", None), ("none", "float32", None), ("auto", "float32", None),
+    ("1e3", "float16", (1000.0, 1000.0, 0)),
+])
+def test_loss_scale_spellings(setting, dtype, expected):
+    """configs/base.py: auto | dynamic | none | a fixed number, as typed on a command line (case and spaces)."""
+    assert loss_scale.resolve(setting, dtype) == (expected and expected[0])
+    made = loss_scale.create(setting, dtype, period=7)
+    assert made is None if expected is None else (float(made.scale), made.period) == expected[1:]
+
+
+@pytest.mark.parametrize("setting", ["0", "-1", "inf", "nan", "0.0"])
+def test_a_fixed_scale_must_be_positive_and_finite(setting):
+    with pytest.raises(UserValueError, match="a fixed scale must be a positive finite number"):
+        loss_scale.resolve(setting, "float16")
+
+
+def test_all_finite_and_select_leaf_by_leaf():
+    """A step is skipped when any gradient is inf or nan, in any leaf; the skip keeps every old leaf."""
+    ok = {"a": jnp.ones(3), "b": jnp.zeros((2, 2))}
+    assert bool(loss_scale.all_finite(ok))
+    for bad in (jnp.inf, -jnp.inf, jnp.nan):
+        assert not bool(loss_scale.all_finite({**ok, "b": ok["b"].at[1, 0].set(bad)}))
+        assert not bool(loss_scale.all_finite({**ok, "a": ok["a"].at[2].set(bad)}))
+    new, old = {"a": jnp.full(3, 2.0), "b": (jnp.int32(5),)}, {"a": jnp.zeros(3), "b": (jnp.int32(1),)}
+    for finite, expected in ((True, new), (False, old)):
+        got = loss_scale.select(jnp.bool_(finite), new, old)
+        assert jax.tree.structure(got) == jax.tree.structure(new)
+        jax.tree.map(np.testing.assert_array_equal, got, expected)
 
 
 @pytest.mark.gpu
@@ -216,6 +283,29 @@ def test_an_overflowing_step_is_skipped_whole_and_halves_the_scale():
     assert last["lr"][0] == bad["lr"][0] > first["lr"][0]  # optax's count stood still: schedule(1) again, the peak
     moved = jax.tree.map(lambda a, b: np.abs(np.asarray(a) - b).max(), state.params, before[0])
     assert min(jax.tree.leaves(moved)) > 0
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_float16_step_gradient_norm_equals_the_unscaled_float32_run(accum):
+    """A finite float16 step under the scale 2^16 reports (and clips, and hands AdamW) the mean gradient unscaled:
+    its gradient norm, loss and lr are the float32 run's, with one micro-batch (no division by the count) and with
+    two."""
+    tokens = np.random.default_rng(5).integers(0, 100, (2, accum, 2, 33)).astype(np.int32)
+    batches = {"inputs": jnp.asarray(tokens[..., :-1]), "targets": jnp.asarray(tokens[..., 1:])}
+    runs = {}
+    for dtype in ("float32", "float16"):
+        c = base.get_config()
+        c.update_from_flattened_dict({"max_steps": 10, "optim.warmup_steps": 1, "mesh.data": 1,
+                                      "grad_accum_steps": accum, "optim.grad_clip": 0.5})
+        config = gpt.GPTConfig(**SMALL, dtype=dtype)
+        steps = step.make_steps(c, config, sharding.make_mesh(c.mesh, jax.devices()[:1]))
+        runs[dtype] = jax.tree.map(np.asarray, steps.train_steps(step.fresh_state(steps, config, 0), batches)[1])
+    m32, m16 = runs["float32"], runs["float16"]
+    assert list(m16["loss_scale"]) == [2.0 ** 16] * 2 and list(m16["skipped"]) == [0, 0]
+    assert m32["grad_norm"][0] > 0.5  # clipping acts
+    np.testing.assert_allclose(m16["grad_norm"], m32["grad_norm"], rtol=2e-2)
+    np.testing.assert_allclose(m16["loss"], m32["loss"], rtol=2e-3)
+    np.testing.assert_allclose(m16["lr"], m32["lr"], rtol=1e-7)
 
 
 @pytest.mark.gpu

@@ -252,6 +252,74 @@ def test_trapezoid_schedule_matches_modded_nanogpts_get_lr():
     np.testing.assert_allclose([float(peak(s)) / 0.05 for s in steps], [x / 2e-3 for x in ours], rtol=1e-6)
 
 
+@pytest.mark.parametrize("warmup", list(REFERENCE_LR))
+def test_trapezoid_options_at_other_values(warmup):
+    """cooldown_frac, min_lr_ratio, decay_steps < max_steps and both warmup forms away from the defaults: the
+    warmup form's ramp (configs/base.py), modded-nanogpt's line over the last cooldown_frac of decay_steps down to
+    lr * min_lr_ratio, constant after decay_steps."""
+    o = optim_config(lr=1e-3, min_lr_ratio=0.3, warmup_steps=8, decay_steps=200, warmup=warmup,
+                     schedule="trapezoid", cooldown_frac=0.25)
+    schedule = jax.jit(optim.learning_rate_schedule(o, max_steps=300))
+    steps = [0, 3, 7, 8, 9, 100, 149, 150, 151, 175, 199, 200, 201, 299]
+    ours = [float(schedule(jnp.int32(s))) for s in steps]
+    ramp = 9 if warmup == "nanogpt" else 8  # lr * (s + 1) / (warmup_steps + 1) | / warmup_steps
+    expected = [1e-3 * (s + 1) / ramp if s < 8 else 1e-3 * modded_get_lr(min(s, 200), 0, 200, 0.25, 0.3)
+                for s in steps]
+    np.testing.assert_allclose(ours, expected, rtol=1e-6, atol=0)
+    assert ours[-3:] == [pytest.approx(3e-4, rel=1e-6)] * 3 and ours[steps.index(150)] == pytest.approx(1e-3)
+
+
+def test_cooldown_frac_is_in_0_to_1_inclusive():
+    """(0, 1]: 1 is allowed (no constant phase: modded-nanogpt's line from step 0), above 1 or at 0 is not."""
+    o = optim_config(lr=1e-3, min_lr_ratio=0.1, warmup_steps=0, decay_steps=0, schedule="trapezoid",
+                     cooldown_frac=1.0)
+    schedule = optim.learning_rate_schedule(o, max_steps=50)
+    ours = [float(schedule(s)) for s in (0, 10, 25, 49, 50)]
+    np.testing.assert_allclose(ours, [1e-3 * modded_get_lr(s, 0, 50, 1.0, 0.1) for s in (0, 10, 25, 49, 50)],
+                               rtol=1e-6)
+    for bad in (0.0, 1.5, -0.2):
+        with pytest.raises(UserValueError, match=rf"optim.cooldown_frac={bad} must be in \(0, 1\]"):
+            optim.learning_rate_schedule(optim_config(schedule="trapezoid", cooldown_frac=bad), max_steps=500)
+
+
+def test_decay_mask_and_param_groups_by_name():
+    """nanoGPT's rule: decay on the weights of 2+ dims (kernels, embeddings, an untied head), never on biases or
+    norm scales, even where scan_layers stacks them into 2-D arrays; Muon's groups: the kernels (muon), wte, wpe
+    and the value embeddings (embed), lm_head (head), everything else (other)."""
+    from flax.traverse_util import flatten_dict
+
+    from jaxgpt.model import GPTConfig, build
+    for scan_layers in (False, True):
+        config = GPTConfig(vocab_size=64, block_size=8, n_layer=2, n_head=2, n_embd=16, tie_embeddings=False,
+                           value_embeds=1, scan_layers=scan_layers)
+        params = nnx.state(build(config), nnx.Param)
+        mask = flatten_dict(optim.decay_mask(params).to_pure_dict())
+        groups = flatten_dict(optim.param_groups(params).to_pure_dict())
+        shapes = {k: v.shape for k, v in flatten_dict(params.to_pure_dict()).items()}
+        assert set(mask) == set(groups) == set(shapes)
+        for k in shapes:
+            assert mask[k] == (k[-1] in ("kernel", "embedding", "lm_head")), k
+            assert groups[k] == {"kernel": "muon", "embedding": "embed", "lm_head": "head"}.get(k[-1], "other"), k
+        assert {k[-1] for k in shapes if not mask[k]} >= {"bias", "scale"}  # never biases nor norms
+        assert {"muon", "embed", "head", "other"} == set(groups.values())
+
+
+@pytest.mark.parametrize("grad_clip", [0.0, 0.3])
+def test_grad_clip_is_optax_clip_by_global_norm_and_0_disables_it(grad_clip):
+    """configs/base.py: clip by global norm; 0 disables. Against optax's clip_by_global_norm + adamw, with a large
+    eps so that AdamW's update shows the gradient's scale."""
+    o = optim_config(grad_clip=grad_clip, eps=1.0, warmup_steps=0, decay_steps=10, lr=0.1, weight_decay=0.0)
+    params = {"w": {"kernel": jnp.ones((3, 4))}, "b": {"bias": jnp.zeros(4)}}
+    grads = jax.tree.map(lambda p: jnp.full_like(p, 5.0), params)
+    ours = optim.make_optimizer(o, max_steps=10)
+    adamw = optax.adamw(optim.learning_rate_schedule(o, 10), b1=o.b1, b2=o.b2, eps=1.0, weight_decay=0.0)
+    reference = optax.chain(optax.clip_by_global_norm(grad_clip), adamw) if grad_clip else adamw
+    u_ours = ours.update(grads, ours.init(params), params)[0]
+    u_ref = reference.update(grads, reference.init(params), params)[0]
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), u_ours, u_ref)
+    assert float(jnp.abs(u_ours["w"]["kernel"]).max()) > 1e-3  # a real step
+
+
 def test_bad_optimizer_settings_are_user_errors():
     with pytest.raises(UserValueError, match=r"optim.name='sgd': expected one of \['adamw', 'muon'\]"):
         optim.make_optimizer(optim_config(name="sgd"), max_steps=100)
@@ -262,14 +330,14 @@ def test_bad_optimizer_settings_are_user_errors():
                                      max_steps=100)
 
 
-def numpy_newton_schulz(G):
+def numpy_newton_schulz(G, steps=5):
     """modded-nanogpt's zeropower_via_newtonschulz5 (train_gpt.py, 2024-12 records) in float64: a torch weight
     G (out, in)."""
     a, b, c = NS
     X = G / (np.linalg.norm(G) + 1e-7)
     if G.shape[0] > G.shape[1]:
         X = X.T
-    for _ in range(5):
+    for _ in range(steps):
         A = X @ X.T
         B = b * A + c * A @ A
         X = a * X + B @ X
@@ -281,15 +349,16 @@ class NumpyMuon:
     g = g.lerp_(buf, momentum) (nesterov); p -= lr * max(1, out / in) ** 0.5 * zeropower(g); with decoupled decay
     p *= 1 - lr * wd first (the later records')."""
 
-    def __init__(self, lr, momentum, wd):
+    def __init__(self, lr, momentum, wd, nesterov=True, ns_steps=5):
         self.lr, self.momentum, self.wd, self.buf = lr, momentum, wd, {}
+        self.nesterov, self.ns_steps = nesterov, ns_steps
 
     def step(self, name, p, g):
         buf = self.buf.setdefault(name, np.zeros_like(g))
         buf += (1 - self.momentum) * (g - buf)
-        g = g + self.momentum * (buf - g)
+        g = g + self.momentum * (buf - g) if self.nesterov else buf  # nesterov=False: the buffer itself
         p = p * (1 - self.lr * self.wd)
-        return p - self.lr * max(1, p.shape[0] / p.shape[1]) ** 0.5 * numpy_newton_schulz(g)
+        return p - self.lr * max(1, p.shape[0] / p.shape[1]) ** 0.5 * numpy_newton_schulz(g, self.ns_steps)
 
 
 def torch_weights(path: str, kernel: np.ndarray, stacked: bool) -> list[np.ndarray]:
@@ -317,23 +386,25 @@ MUON = dict(name="muon", lr=3e-3, muon_lr=0.05, embed_lr=0.02, head_lr=7e-3, muo
 GROUP_LRS = {"embedding": 0.02, "lm_head": 7e-3}  # by name; norms, biases, value-mix lambdas: lr
 
 
-@pytest.mark.parametrize("scan_layers", [False, True])
-def test_muon_steps_match_a_numpy_transcription_of_modded_nanogpt(scan_layers):
+@pytest.mark.parametrize("scan_layers, nesterov, ns_steps", [(False, True, 5), (True, True, 5), (False, False, 3)])
+def test_muon_steps_match_a_numpy_transcription_of_modded_nanogpt(scan_layers, nesterov, ns_steps):
     """Three steps of optim.name=muon on a model with every kernel layout (c_attn's (C, 3, H, D), attn.c_proj's
     (H, D, C), the MLP's; stacked by scan_layers or not): its kernels against NumPy's Muon in float64 (momentum,
     Nesterov, the Newton-Schulz coefficients, shape scaling, decay, the schedule), the other parameters against
-    optax.adamw at their group's lr; gradient clipping before both."""
+    optax.adamw at their group's lr; gradient clipping before both. Also optim.muon_nesterov=False (the buffer
+    orthogonalised) and optim.ns_steps=3, away from their defaults."""
     from flax.traverse_util import flatten_dict, unflatten_dict
 
     from jaxgpt.model import GPTConfig, build
     config = GPTConfig(vocab_size=64, valid_vocab_size=None, block_size=8, n_layer=2, n_head=2, n_embd=16,
                        tie_embeddings=False, value_embeds=1, scan_layers=scan_layers)
     params = nnx.state(build(config), nnx.Param)
-    o, steps = optim_config(**MUON), 4  # the trapezoid: the peak at steps 0 and 1, then 2/4 and 1/4 of the way down
+    o, steps = optim_config(**MUON, muon_nesterov=nesterov, ns_steps=ns_steps), 4  # the trapezoid: the peak at
+    # steps 0 and 1, then 2/4 and 1/4 of the way down
     tx = optim.make_optimizer(o, max_steps=steps)
     state = tx.init(params)
     start = {k: np.asarray(v, np.float64) for k, v in flatten_dict(params.to_pure_dict()).items()}
-    expected, reference, adam = dict(start), NumpyMuon(0.05, 0.9, 0.1), {}
+    expected, reference, adam = dict(start), NumpyMuon(0.05, 0.9, 0.1, nesterov, ns_steps), {}
     for k in start:
         if k[-1] != "kernel":
             lr = GROUP_LRS.get(k[-1], o.lr)
@@ -364,7 +435,8 @@ def test_muon_steps_match_a_numpy_transcription_of_modded_nanogpt(scan_layers):
     ours = {k: np.asarray(v) for k, v in flatten_dict(params.to_pure_dict()).items()}
     diffs = {k: float(np.abs(ours[k] - expected[k]).max()) for k in ours}
     moved = {k: float(np.abs(ours[k] - start[k]).max()) for k in ours}
-    print(f"\n[muon, scan_layers={scan_layers}] max |jaxgpt - NumPy| {max(diffs.values()):.2g} over "
+    print(f"\n[muon, scan_layers={scan_layers}, nesterov={nesterov}, ns_steps={ns_steps}] max |jaxgpt - NumPy| "
+          f"{max(diffs.values()):.2g} over "
           f"{len(diffs)} parameters; the smallest move {min(moved.values()):.2g}")
     assert max(diffs.values()) <= 1e-5, sorted(diffs.items(), key=lambda kv: -kv[1])[:4]
     assert min(moved.values()) > 1e-3  # every parameter really stepped

@@ -1,10 +1,13 @@
-"""Runs that end early: SIGTERM (a scheduler's preemption) saves the step reached and exits 75, SIGKILL mid-save
+"""Runs that end early: SIGTERM (a scheduler's preemption) or SIGINT (Ctrl-C) saves the step reached and exits 75
+(docs/scaling.md; the number, not preemption.EXIT_STATUS: a changed constant must fail here), SIGKILL mid-save
 leaves the previous checkpoint, and either way the same command resumes bit-identically. The runs train in float16,
 whose dynamic loss scale (doubling every 4 steps here, halving on overflow) is part of what must resume exactly."""
+import os
 import random
 import re
 import signal
 import subprocess
+import threading
 import time
 
 import corpus
@@ -68,6 +71,133 @@ def until_line(proc, pattern: str) -> list[str]:
     raise AssertionError("".join(lines)[-3000:])
 
 
+# ------------------------------------------------------------------------- the handlers, in this process
+
+def deliver(sig):
+    """Sends `sig` to this process and lets the main thread run its handler."""
+    os.kill(os.getpid(), sig)
+    time.sleep(0.01)
+
+
+def test_the_exit_status_is_75():
+    assert preemption.EXIT_STATUS == 75  # docs/scaling.md, README: requeue on 75 (EX_TEMPFAIL)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_one_process_stops_after_the_call_on_sigterm_or_sigint_and_restores_the_handlers(sig, capfd):
+    """One process: no stop until a signal, then the loop is told to stop before and after a call; the cause names
+    the signal; one line on stderr; restore() puts the previous handlers back."""
+    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    watch = preemption.Watch()
+    try:
+        assert watch.stopped is False and watch.cause is None  # nobody said yes yet
+        assert signal.getsignal(signal.SIGTERM) != previous[signal.SIGTERM]
+        assert signal.getsignal(signal.SIGINT) != previous[signal.SIGINT]
+        assert not watch.stop_before_call(0) and not watch.stop_after_call(1) and not watch.stopped
+        assert watch.cause is None
+        deliver(sig)
+        assert watch.cause == f"{sig.name} received"
+        assert watch.stop_after_call(1) and watch.stopped and watch.stop_before_call(1)
+        assert f"{sig.name} received: stopping after the step in flight" in capfd.readouterr().err
+        deliver(signal.SIGTERM)  # more SIGTERMs while it saves are ignored (docs/scaling.md)
+        assert watch.cause == f"{sig.name} received" and watch.stop_after_call(2)
+    finally:
+        watch.restore()
+    assert {s: signal.getsignal(s) for s in previous} == previous
+
+
+def test_a_second_sigint_interrupts():
+    """Ctrl-C once stops after the call in flight like SIGTERM; Ctrl-C again (the user insists) raises
+    KeyboardInterrupt at once and gives SIGINT back its previous handler."""
+    previous = signal.getsignal(signal.SIGINT)
+    watch = preemption.Watch()
+    try:
+        deliver(signal.SIGINT)
+        assert watch.stop_after_call(3) and watch.cause == "SIGINT received"
+        with pytest.raises(KeyboardInterrupt):
+            deliver(signal.SIGINT)
+        assert signal.getsignal(signal.SIGINT) == previous
+    finally:
+        watch.restore()
+    assert signal.getsignal(signal.SIGINT) == previous
+
+
+def test_a_watch_off_the_main_thread_installs_nothing():
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    made = []
+    thread = threading.Thread(target=lambda: made.append(preemption.Watch()))
+    thread.start()
+    thread.join()
+    assert made[0].previous == {} and {s: signal.getsignal(s) for s in before} == before
+    assert not made[0].stop_after_call(1)
+
+
+def test_several_processes_stop_where_the_preemption_sync_point_says(monkeypatch, capsys):
+    """Several processes (jaxgpt/preemption.py): SIGTERM is left to JAX's preemption service, SIGINT is passed on
+    to it as SIGTERM (once), and every step id goes to reached_preemption_sync_point in order and once (from 1: a
+    resumed run's first check covers the steps before it); the loop stops where it says yes. Without the service
+    (a RuntimeError) the run goes on as one process: a warning, no stop."""
+    monkeypatch.setattr(preemption.jax, "process_count", lambda: 2)
+    asked = []
+    monkeypatch.setattr(preemption.multihost_utils, "reached_preemption_sync_point",
+                        lambda s: asked.append(s) or s == 6)
+    forwarded = []
+    theirs = signal.signal(signal.SIGTERM, lambda s, f: forwarded.append(s))  # the service's handler
+    watch = preemption.Watch()
+    try:
+        assert signal.SIGTERM not in watch.previous and signal.getsignal(signal.SIGTERM) != signal.SIG_DFL
+        assert not watch.stop_before_call(2) and asked == [1, 2]
+        assert not watch.stop_after_call(4) and not watch.stop_before_call(4) and asked == [1, 2, 3, 4]
+        deliver(signal.SIGINT)
+        deliver(signal.SIGINT)
+        assert forwarded == [signal.SIGTERM] and watch.cause == "SIGINT received"
+        assert not watch.stop_after_call(5) and watch.stop_after_call(7) and watch.stopped
+        assert asked == [1, 2, 3, 4, 5, 6, 7]
+    finally:
+        watch.restore()
+        signal.signal(signal.SIGTERM, theirs)
+
+    def no_service(s):
+        raise RuntimeError("preemption service not enabled")
+    monkeypatch.setattr(preemption.multihost_utils, "reached_preemption_sync_point", no_service)
+    watch = preemption.Watch()
+    try:
+        assert not watch.stop_after_call(1) and not watch.multi
+        assert "a signal ends this run without a checkpoint" in capsys.readouterr().out
+    finally:
+        watch.restore()
+    quiet = preemption.Watch()  # a notice with no signal here: the cause says so
+    try:
+        monkeypatch.setattr(preemption.multihost_utils, "reached_preemption_sync_point", lambda s: True)
+        assert quiet.stop_before_call(1) and "preemption notice" in quiet.cause
+    finally:
+        quiet.restore()
+
+
+def test_preempted_says_what_was_saved():
+    stop = preemption.Preempted(12, "SIGTERM received", "out/gpt2", saved=True)
+    assert (stop.step, stop.cause, stop.saved) == (12, "SIGTERM received", True)
+    saved = str(stop)
+    assert saved == ("SIGTERM received: stopped at step 12, saved a checkpoint at step 12 in out/gpt2; run the same "
+                     "command to resume")  # docs/scaling.md's line
+    assert "stopped at step 0, nothing new to save (step 0) in w" in str(preemption.Preempted(0, "x", "w", False))
+
+
+@pytest.mark.slow
+def test_sigint_saves_the_step_reached_and_exits_75_like_sigterm(data_dir, tmp_path):
+    """Ctrl-C (SIGINT) is a preemption like SIGTERM (docs/scaling.md): the step reached saved, status 75."""
+    long = ("--config.max_steps=1000", "--config.checkpoint_every=1000", "--config.eval_every=1000")
+    proc = subprocess.Popen(command(tmp_path / "interrupted", data_dir, *long), cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    until_line(proc, r"^step 3: loss")
+    proc.send_signal(signal.SIGINT)
+    output = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 75, output
+    reached = int(re.search(r"SIGINT received: stopped at step (\d+), saved a checkpoint at step \1 in ",
+                            output).group(1))
+    assert 3 <= reached < 1000 and completed_steps(tmp_path / "interrupted") == [reached], output[-2000:]
+
+
 @pytest.mark.slow
 def test_sigterm_at_a_random_moment_saves_the_step_reached_and_resumes_exactly(data_dir, tmp_path):
     """1,000 steps with no periodic checkpoint before the end: the one checkpoint after the signal is the step the
@@ -83,7 +213,7 @@ def test_sigterm_at_a_random_moment_saves_the_step_reached_and_resumes_exactly(d
     time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
     output = proc.communicate(timeout=300)[0]
-    assert proc.returncode == preemption.EXIT_STATUS, output
+    assert proc.returncode == 75, output  # docs/scaling.md: EX_TEMPFAIL
     reached = int(re.search(r"stopped at step (\d+), saved a checkpoint at step \1 in ", output).group(1))
     assert 5 <= reached < 1000 and completed_steps(tmp_path / "preempted") == [reached], output[-2000:]
     assert max(logged_steps(output)) == reached  # the metrics of every step taken were written
@@ -105,7 +235,7 @@ def test_sigterm_during_the_first_compile_exits_cleanly_with_nothing_written(dat
         time.sleep(0.01)
     proc.send_signal(signal.SIGTERM)
     output = proc.communicate(timeout=300)[0]
-    assert proc.returncode == preemption.EXIT_STATUS, output
+    assert proc.returncode == 75, output  # docs/scaling.md: EX_TEMPFAIL
     assert "stopped at step 0, nothing new to save" in output and not logged_steps(output), output
     checkpoints = workdir / "checkpoints"
     assert not checkpoints.exists() or not list(checkpoints.iterdir())  # no step, no half-written temporary
