@@ -195,6 +195,8 @@ def test_eval_batches_are_fixed(tmp_path):
     window_starts(batches, tokens)
     assert_same_batches(batches, eval_batches(files, seed=1, **kwargs))
     assert not np.array_equal(batches[0]["inputs"], eval_batches(files, seed=2, **kwargs)[0]["inputs"])
+    # the start of the shuffled stream for the seed: the first batches a training run with that seed would draw
+    assert_same_batches(batches, take(iter(make_dataset(files, block_size=32, batch_size=5, seed=1)), 3))
 
 
 def test_too_little_data_is_a_clear_error(tmp_path):
