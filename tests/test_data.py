@@ -219,17 +219,20 @@ def test_shard_edges_token_range_vocabulary_and_sizes(tmp_path):
     empty = write_shard(str(tmp_path / "train_000001.bin"), [])
     assert os.path.getsize(empty) == 1024 and read_shard(empty, vocab_size=65).size == 0
 
-    at_vocab = write_shard(str(tmp_path / "val_000000.bin"), [65, 1, 2])
-    with pytest.raises(ValueError, match=f"{at_vocab}: token 65 at position 0 is outside .* 65 tokens"):
+    at_vocab = write_shard(str(tmp_path / "val_000000.bin"), [1, 2, 65, 3])
+    with pytest.raises(ValueError, match=f"{at_vocab}: token 65 at position 2 is outside .* 65 tokens"):
         read_shard(at_vocab, vocab_size=65)
     read_shard(at_vocab, vocab_size=66)
-    data = iter(make_dataset([at_vocab], block_size=2, batch_size=1, seed=0, vocab_size=65))
-    with pytest.raises(ValueError, match=f"{at_vocab}: token 65 at position 0"):
+    data = iter(make_dataset([at_vocab], block_size=3, batch_size=1, seed=0, vocab_size=65))
+    with pytest.raises(ValueError, match=f"{at_vocab}: token 65 at position 2"):
         next(data)
+    first = write_shard(str(tmp_path / "val_000003.bin"), [70, 1, 2])
+    with pytest.raises(ValueError, match=f"{first}: token 70 at position 0"):
+        read_shard(first, vocab_size=65)
 
     odd = tmp_path / "val.bin"
-    odd.write_bytes(b"\x01\x00\x02\x00\x03")
-    with pytest.raises(ValueError, match=f"{odd}: a raw uint16 token file must have an even size, it has 5 bytes"):
+    odd.write_bytes(b"\x01\x00\x02\x00\x03\x00\x04\x00\x05")
+    with pytest.raises(ValueError, match=f"{odd}: a raw uint16 token file must have an even size, it has 9 bytes"):
         read_shard(str(odd))
     headerless = tmp_path / "train_000002.bin"  # nanoGPT's raw tokens under llm.c's name
     np.arange(1, 700, dtype=np.uint16).tofile(headerless)
