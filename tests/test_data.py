@@ -8,7 +8,16 @@ import corpus
 import numpy as np
 import pytest
 
-from jaxgpt.data import MAGIC, eval_batches, find_shards, make_dataset, read_shard, write_shard
+from jaxgpt.data import (
+    MAGIC,
+    eval_batches,
+    find_shards,
+    has_shards,
+    make_dataset,
+    read_shard,
+    stream_identity,
+    write_shard,
+)
 from jaxgpt.prepare import prepare
 from jaxgpt.tokenizer import get_tokenizer, load_tokenizer
 
@@ -186,12 +195,158 @@ def test_eval_batches_are_fixed(tmp_path):
     window_starts(batches, tokens)
     assert_same_batches(batches, eval_batches(files, seed=1, **kwargs))
     assert not np.array_equal(batches[0]["inputs"], eval_batches(files, seed=2, **kwargs)[0]["inputs"])
+    # the start of the shuffled stream for the seed: the first batches a training run with that seed would draw
+    assert_same_batches(batches, take(iter(make_dataset(files, block_size=32, batch_size=5, seed=1)), 3))
 
 
 def test_too_little_data_is_a_clear_error(tmp_path):
     files, _ = write_numbered_shards(tmp_path, [10])
     with pytest.raises(ValueError, match="too few for one window of block_size \\+ 1 = 65 tokens"):
         make_dataset(files, block_size=64, batch_size=1, seed=0)
+
+
+def test_shard_edges_token_range_vocabulary_and_sizes(tmp_path):
+    """The edges of the shard format (docs/architecture.md, "Data"): uint16 tokens are 0..65535, an empty shard is a
+    bare header, a token id equal to the vocabulary size is outside it, a raw file is whole uint16s, a headerless
+    file is read only under nanoGPT's names, and a file shorter or longer than its header says is refused."""
+    edges = read_shard(write_shard(str(tmp_path / "train_000000.bin"), [0, 65535]))
+    assert edges.tolist() == [0, 65535] and not edges.flags.writeable  # memory-mapped read-only: data is not written
+    for bad in ([65536], [-1]):
+        with pytest.raises(ValueError, match="must lie in \\[0, 65535\\]"):
+            write_shard(str(tmp_path / "x.bin"), bad)
+    with pytest.raises(ValueError, match="tokens must be 1-D, got shape \\(2, 3\\)"):
+        write_shard(str(tmp_path / "x.bin"), np.zeros((2, 3), int))  # a stream of tokens, not a batch
+    empty = write_shard(str(tmp_path / "train_000001.bin"), [])
+    assert os.path.getsize(empty) == 1024 and read_shard(empty, vocab_size=65).size == 0
+
+    at_vocab = write_shard(str(tmp_path / "val_000000.bin"), [1, 2, 65, 3])
+    with pytest.raises(ValueError, match=f"{at_vocab}: token 65 at position 2 is outside .* 65 tokens"):
+        read_shard(at_vocab, vocab_size=65)
+    read_shard(at_vocab, vocab_size=66)
+    data = iter(make_dataset([at_vocab], block_size=3, batch_size=1, seed=0, vocab_size=65))
+    with pytest.raises(ValueError, match=f"{at_vocab}: token 65 at position 2"):
+        next(data)
+    first = write_shard(str(tmp_path / "val_000003.bin"), [70, 1, 2])
+    with pytest.raises(ValueError, match=f"{first}: token 70 at position 0"):
+        read_shard(first, vocab_size=65)
+
+    odd = tmp_path / "val.bin"
+    odd.write_bytes(b"\x01\x00\x02\x00\x03\x00\x04\x00\x05")
+    with pytest.raises(ValueError, match=f"{odd}: a raw uint16 token file must have an even size, it has 9 bytes"):
+        read_shard(str(odd))
+    headerless = tmp_path / "train_000002.bin"  # nanoGPT's raw tokens under llm.c's name
+    np.arange(1, 700, dtype=np.uint16).tofile(headerless)
+    with pytest.raises(ValueError, match=f"{headerless}: not a token shard: .* found {1 + (2 << 16)}"):
+        read_shard(str(headerless))
+    nothing = tmp_path / "train_000003.bin"
+    nothing.write_bytes(b"")
+    with pytest.raises(ValueError, match=f"{nothing}: not a token shard: .* found None"):
+        read_shard(str(nothing))
+    raw = np.zeros(600, np.uint16)
+    raw[6] = 5  # the fourth int32 of what would be a header is not zero: tokens, not an llm.c header
+    raw.tofile(tmp_path / "train.bin")
+    np.testing.assert_array_equal(read_shard(str(tmp_path / "train.bin")), raw)
+
+    short = tmp_path / "val_000001.bin"
+    np.array([MAGIC, 1, 3, 0, 0], np.int32).tofile(short)
+    with pytest.raises(ValueError, match=f"{short}: truncated: 20 bytes, shorter than the 1024-byte llm.c header"):
+        read_shard(str(short))
+    long = write_shard(str(tmp_path / "val_000002.bin"), np.arange(100))
+    with open(long, "ab") as f:
+        f.write(b"\x00\x00")
+    with pytest.raises(ValueError, match=f"{long}: corrupt: the header says 100 tokens \\(1224 bytes\\), the file has "
+                                         "1226 bytes"):
+        read_shard(long)
+
+
+def windows_per_epoch(size: int, length: int) -> int:
+    """The windows of `length` tokens a shard of `size` tokens gives every epoch: as many as fit after an offset of
+    up to length - 1 tokens, and one window when only one fits at all."""
+    return max((size - (length - 1)) // length, 1 if size >= length else 0)
+
+
+def test_each_epoch_cuts_every_shard_at_one_offset_that_changes_per_epoch(tmp_path):
+    """Every epoch cuts each shard into consecutive windows of block_size + 1 tokens starting at a random offset (a
+    new one per epoch and shard) and visits all windows of all shards once (docs/architecture.md, "Data"); over the
+    epochs the cuts fall at every position of a window."""
+    length = 8
+    sizes = [length, length + 3, 2 * length + 3, 3 * length - 1, 5 * length + 1]
+    per_shard = [windows_per_epoch(n, length) for n in sizes]
+    assert per_shard == [1, 1, 1, 2, 4]
+    files, tokens = write_numbered_shards(tmp_path, sizes)
+    per_epoch = sum(per_shard)
+    data = iter(make_dataset(files, block_size=length - 1, batch_size=per_epoch, seed=5))
+    offsets = [set() for _ in sizes]
+    for _ in range(60):  # one batch is one epoch
+        starts = window_starts([next(data)], tokens)
+        for shard, size in enumerate(sizes):
+            mine = sorted(start for sh, start in starts if sh == shard)
+            assert len(mine) == per_shard[shard]
+            first = mine[0]
+            assert mine == [first + k * length for k in range(len(mine))] and first + len(mine) * length <= size
+            offsets[shard].add(first)
+    assert offsets[0] == {0} and offsets[1] == {0, 1, 2, 3}  # a shard of one window: every offset that fits
+    for shard in (2, 3, 4):
+        assert {o % length for o in offsets[shard]} == set(range(length))
+
+
+def test_the_seed_orders_the_windows(tmp_path):
+    """The seed shuffles the order in which an epoch visits the windows, not only where they are cut."""
+    files, tokens = write_numbered_shards(tmp_path, [400, 300])
+
+    def order(seed):  # (shard, window number within the shard) in the order of the first epoch
+        starts = window_starts(take(iter(make_dataset(files, block_size=15, batch_size=1, seed=seed)), 42), tokens)
+        return [(sh, sorted(s for h, s in starts if h == sh).index(start)) for sh, start in starts]
+
+    one, two = order(1), order(2)
+    assert sorted(one) == sorted(two) and one != two and one != sorted(one)
+
+
+def test_the_seed_is_a_32_bit_unsigned_int(tmp_path):
+    files, _ = write_numbered_shards(tmp_path, [400])
+    next(iter(make_dataset(files, block_size=15, batch_size=2, seed=2**32 - 1)))
+    for seed in (2**32, -1):
+        with pytest.raises(ValueError, match=f"seed={seed} must lie in \\[0, 2\\*\\*32\\)"):
+            make_dataset(files, block_size=15, batch_size=2, seed=seed)
+
+
+def test_stream_identity_names_seed_window_and_each_shard_by_name_size_and_its_ends(tmp_path):
+    """What a checkpoint keeps of the stream (docs/architecture.md, "Data"): the seed, the window length, and each
+    shard's name, size and a fingerprint of its first and last tokens; the directory may move, the data may not."""
+    tokens = np.random.default_rng(0).integers(0, 50257, size=20000)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+
+    def identity(directory, shard, seed=3, block_size=63):
+        path = write_shard(str(tmp_path / directory / "train_000000.bin"), shard)
+        other = write_shard(str(tmp_path / directory / "train_000001.bin"), tokens[:5000])
+        return stream_identity([path, other], block_size=block_size, seed=seed)
+
+    base = identity("a", tokens)
+    assert base["seed"] == 3 and base["window_tokens"] == 64
+    assert [s[:2] for s in base["shards"]] == [["train_000000.bin", 20000], ["train_000001.bin", 5000]]
+    assert base["shards"][0][2] != base["shards"][1][2]
+    assert identity("b", tokens) == base  # moved
+    assert identity("a", tokens, seed=4)["seed"] == 4 and identity("a", tokens, block_size=31)["window_tokens"] == 32
+    middle = tokens.copy()
+    middle[10000] += 1
+    assert identity("a", middle) == base  # only the ends are read: a fingerprint, not a checksum of every token
+    for position in (0, -1):
+        changed = tokens.copy()
+        changed[position] += 1
+        assert identity("a", changed)["shards"][0][2] != base["shards"][0][2]
+    longer = identity("a", np.r_[tokens, tokens[-1]])["shards"][0]
+    assert longer[1] == 20001 and longer[2] != base["shards"][0][2]
+
+
+def test_a_data_directory_needs_both_splits_and_a_loader_needs_a_shard(tmp_path):
+    assert not has_shards(str(tmp_path))
+    write_shard(str(tmp_path / "train_000000.bin"), np.arange(100))
+    assert not has_shards(str(tmp_path))
+    write_shard(str(tmp_path / "val_000000.bin"), np.arange(100))
+    assert has_shards(str(tmp_path))
+    with pytest.raises(ValueError, match="no shard files given"):
+        make_dataset([], block_size=15, batch_size=2, seed=0)
 
 
 # --- prepare -------------------------------------------------------------------------------------------------

@@ -399,3 +399,128 @@ def test_the_data_stream_may_move_but_not_change():
     with pytest.raises(UserValueError, match="trained on windows of 33 tokens, this run's are 65; resume with "
                                              "--config.model.block_size=32, or "):
         refusal().check_stream(stream, {**stream, "window_tokens": 65}, c)
+
+
+def test_the_layout_record_is_what_describe_reads():
+    import types
+
+    from jaxgpt import resume
+    mesh = types.SimpleNamespace(shape={"data": np.int64(2), "fsdp": 1, "tensor": 2})
+    shape = resume.layout(mesh, training(batch_size=4, grad_accum_steps=3))
+    assert shape == {"processes": 1, "mesh": {"data": 2, "fsdp": 1, "tensor": 2}, "batch_size": 4,
+                     "grad_accum_steps": 3}
+    assert resume.describe(shape) == "1 process on data=2 x tensor=2, micro-batches of 4 x 3"
+
+
+def test_the_shard_diff_names_at_most_three():
+    from jaxgpt import resume
+    ours = [[f"train_{i:06d}.bin", 1000, "aa"] for i in range(3)]
+    three = [[name, tokens, "bb"] for name, tokens, _ in ours]
+    text = resume._shard_diff(three, ours)
+    assert text.endswith("train_000002.bin: 1,000 tokens (bb) there, 1,000 tokens (aa) here,") and " more" not in text
+    assert resume._shard_diff(three + [["train_000003.bin", 5, "cc"]], ours).endswith(
+        "train_000002.bin: 1,000 tokens (bb) there, 1,000 tokens (aa) here and 1 more,")
+
+
+class FakeManager:
+    """What plan reads of a checkpoint manager: the steps there and their directory."""
+
+    def __init__(self, steps):
+        self.steps, self.directory = list(steps), "runs/a/checkpoints"
+
+    def all_steps(self):
+        return self.steps
+
+
+def fake_checkpoints(monkeypatch, saved_train, windows_per_step, *, stream=None, unreadable=(), layout=None):
+    """checkpoint.saved_config / saved_position of a run whose checkpoints at every step were written with
+    `saved_train`, at step x windows_per_step windows; the steps in `unreadable` fail to read."""
+    from jaxgpt import loader
+    model_config = loader.model_config(training(), 65)
+    model_fields = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(model_config).items()}
+    global_batches = []
+
+    def check(manager, step):
+        if step in unreadable:
+            raise checkpoint.UnreadableCheckpoint(f"{manager.directory}/{step}", "a truncated file")
+
+    def saved_config(manager, step):
+        check(manager, step)
+        return {"model": model_fields, "train": saved_train}
+
+    def saved_position(manager, step, global_batch):
+        check(manager, step)
+        global_batches.append(global_batch)
+        return {"windows": step * windows_per_step, "stream": stream, "layout": layout or {"processes": 2}}
+
+    monkeypatch.setattr(checkpoint, "saved_config", saved_config)
+    monkeypatch.setattr(checkpoint, "saved_position", saved_position)
+    return model_config, global_batches
+
+
+STREAM = {"seed": 0, "window_tokens": 33, "shards": [["train_000000.bin", 1000, "aa"]]}
+
+
+def test_plan_resumes_from_the_latest_step_or_resume_step_on_another_split_of_the_batch(monkeypatch):
+    """The latest checkpoint, or config.resume_step (the later ones to be set aside); the position is the windows
+    the stream gave, step x batch_size x grad_accum_steps, whatever the new split of tokens per step; a checkpoint
+    from before the stream record resumes unchecked (docs/scaling.md, "Resuming on another cluster shape")."""
+    from jaxgpt import resume
+    saved = saved_training(batch_size=8, grad_accum_steps=2)
+    model_config, global_batches = fake_checkpoints(monkeypatch, saved, 16, layout={"processes": 2, "mesh": {}})
+    config = training(batch_size=4, grad_accum_steps=4)
+    assert resume.plan(FakeManager([]), "runs/a", config, model_config, STREAM, False) is None
+    start = resume.plan(FakeManager([30, 10, 20]), "runs/a", config, model_config, STREAM, False)
+    assert start == resume.Resume(30, 30 * 16, {"processes": 2, "mesh": {}}, ())
+    assert global_batches == [8]  # an old checkpoint's position: its batch count x the batch it was written with
+    config.resume_step = 10
+    assert resume.plan(FakeManager([30, 10, 20]), "runs/a", config, model_config, STREAM, False) == \
+        resume.Resume(10, 10 * 16, {"processes": 2, "mesh": {}}, (20, 30))
+    config.resume_step = 25
+    with pytest.raises(UserFileNotFoundError, match=r"^resume_step=25: runs/a holds no checkpoint at that step; it "
+                                                    r"holds steps \[10, 20, 30\]$"):
+        resume.plan(FakeManager([30, 10, 20]), "runs/a", config, model_config, STREAM, False)
+
+    fake_checkpoints(monkeypatch, saved, 16, stream=None)
+    other_stream = {**STREAM, "seed": 5}
+    old = resume.plan(FakeManager([10]), "runs/a", training(batch_size=16), model_config, other_stream, False)
+    assert old.step == 10
+
+
+def test_plan_refuses_what_may_not_change_and_a_position_off_the_steps(monkeypatch):
+    from jaxgpt import resume
+    saved = saved_training(batch_size=8, grad_accum_steps=2)
+    model_config, _ = fake_checkpoints(monkeypatch, saved, 16, stream=STREAM)
+    manager = FakeManager([10, 20])
+    with pytest.raises(UserValueError, match=r"^runs/a's checkpoint \(step 20\) is of another model: n_layer="):
+        resume.plan(manager, "runs/a", training(batch_size=16), dataclasses.replace(model_config, n_layer=7), STREAM,
+                    False)
+    with pytest.raises(UserValueError, match=r"^runs/a's checkpoint \(step 20\) was trained with 512 tokens per step"):
+        resume.plan(manager, "runs/a", training(batch_size=8, grad_accum_steps=1), model_config, STREAM, False)
+    with pytest.raises(UserValueError, match=r"^runs/a's checkpoint \(step 20\) was trained with seed=0, this run "
+                                             r"has seed=5"):
+        resume.plan(manager, "runs/a", training(batch_size=16), model_config, {**STREAM, "seed": 5}, False)
+    fake_checkpoints(monkeypatch, saved, 15, stream=STREAM)
+    with pytest.raises(UserValueError, match=r"^runs/a/checkpoints/20: its data position \(300 windows\) is not 20 "
+                                             r"steps of 16 windows; the checkpoint was not written by this trainer$"):
+        resume.plan(manager, "runs/a", training(batch_size=16), model_config, STREAM, False)
+
+
+def test_an_unreadable_step_names_the_latest_earlier_one_that_reads(monkeypatch):
+    """docs/scaling.md: "No error costs a checkpoint": the error names the latest earlier step that reads and how to
+    resume from it; nothing is moved."""
+    from jaxgpt import resume
+    saved = saved_training(batch_size=8, grad_accum_steps=2)
+    model_config, _ = fake_checkpoints(monkeypatch, saved, 16, unreadable={40, 20})
+    manager = FakeManager([10, 20, 30, 40])
+    with pytest.raises(checkpoint.UnreadableCheckpoint) as e:
+        resume.plan(manager, "runs/a", training(batch_size=16), model_config, STREAM, False)
+    assert str(e.value) == (
+        "cannot read the checkpoint runs/a/checkpoints/40: a truncated file; step 30 reads: resume from it with "
+        "--config.resume_step=30 (later steps are moved to set_aside/, not deleted), or move "
+        "runs/a/checkpoints/40 out of the checkpoints directory")
+    assert manager.steps == [10, 20, 30, 40]
+    fake_checkpoints(monkeypatch, saved, 16, unreadable={10, 20})
+    with pytest.raises(checkpoint.UnreadableCheckpoint, match=r"^cannot read the checkpoint runs/a/checkpoints/20: a "
+                                                              r"truncated file; no earlier checkpoint reads either$"):
+        resume.plan(FakeManager([10, 20]), "runs/a", training(batch_size=16), model_config, STREAM, False)

@@ -1,6 +1,7 @@
 """The serving scheduler without a model (it imports no jax): admission, rows, sliding past the context, finishing
 and cancellation, as docs/serving.md describes them. A fake device follows the row moves, so that every decode step
 checks that row i of the cache holds running sequence i."""
+import collections
 import subprocess
 import sys
 
@@ -18,13 +19,15 @@ class Device:
     def __init__(self, scheduler: Scheduler, next_token=lambda seq: 1):
         self.scheduler, self.next_token = scheduler, next_token
         self.rows: dict[int, object] = {}
+        self.written: dict[int, int] = {}  # row -> how many of its first cache slots hold its context
         self.batches = []
 
     def move(self, moves):
         if moves:
             assert len(moves.src) == len(moves.dst)
-            copied = {d: self.rows[s] for s, d in zip(moves.src, moves.dst)}
-            self.rows.update(copied)
+            assert all(moves.positions >= self.written[s] for s in moves.src)  # a move copies all a row wrote
+            for table in (self.rows, self.written):
+                table.update({d: table[s] for s, d in zip(moves.src, moves.dst)})
 
     def step(self):
         """One engine step: schedule -> run -> postprocess; -> the batch run, or None."""
@@ -33,10 +36,12 @@ class Device:
         if batch is None:
             return None
         if batch.prefill:
-            for seq, row in zip(batch.seqs, batch.rows):
-                self.rows[row] = seq
+            for seq, row, context in zip(batch.seqs, batch.rows, batch.contexts):
+                self.rows[row], self.written[row] = seq, len(context)
         else:
             assert [self.rows[i] for i in range(len(batch.seqs))] == batch.seqs  # rows [0, running), in order
+            for i, seq in enumerate(batch.seqs):
+                self.written[i] = seq.pos + 1  # a decode step writes its token's keys and values at slot pos
         self.batches.append(batch)
         self.move(self.scheduler.postprocess(batch, [self.next_token(q) for q in batch.seqs]))
         return batch
@@ -157,6 +162,33 @@ def test_a_full_queue_refuses_and_a_failure_takes_every_sequence():
     device.step()  # first runs, second waits
     assert s.take_all() == first.sequences + second.sequences
     assert s.stats()["running"] == s.stats()["waiting"] == 0
+
+
+def test_the_counters_and_stats_say_what_ran():
+    """stats() (GET /healthz's numbers): running and waiting sequences, max_batch, and the counters: decode steps,
+    tokens emitted, the most rows a decode step ran, rows prefilled again past the context; counted here from what
+    the fake device ran and what the requests received."""
+    s = scheduler(max_batch=3, eot_id=7)
+    device = Device(s, next_token=lambda seq: 7 if len(seq.tokens) == 20 else 5)  # the 21st token ends a choice
+    received = {}
+    requests = [request(prompt_len=p, n=n, max_tokens=m, log=received.setdefault(i, {}))
+                for i, (p, n, m) in enumerate([(3, 2, 30), (12, 1, 4), (5, 1, 9), (2, 3, 2), (14, 1, 3)])]
+    for r in requests:
+        s.add(r)
+    assert s.stats() == dict(running=0, waiting=5, max_batch=3, steps=0, tokens=0, max_rows=0, slides=0)
+    seen = set()
+    decode_rows, slides = [], 0
+    while (batch := device.step()) is not None:
+        if batch.prefill:
+            slides += sum(seq_id in seen for seq_id in map(id, batch.seqs))
+            seen.update(map(id, batch.seqs))
+        else:
+            decode_rows.append(len(batch.seqs))
+    tokens = sum(len(t) for log in received.values() for key, t in log.items() if key[0] == "token")
+    assert slides > 0 and len(set(decode_rows)) > 1  # the run slid past the context, with several batch sizes
+    assert s.stats() == dict(running=0, waiting=0, max_batch=3, steps=len(decode_rows), tokens=tokens,
+                             max_rows=max(decode_rows), slides=slides)
+    assert s.counters.batch_rows == collections.Counter(decode_rows)
 
 
 def test_the_scheduler_imports_no_jax():
