@@ -134,10 +134,14 @@ class TokenWindows:
             raise UserValueError(f"the shards {self.files} hold {sum(map(len, self.tokens))} tokens: too few for one "
                                  f"window of block_size + 1 = {length} tokens")
 
-    def window(self, epoch: int, window_id: int) -> np.ndarray:
+    def locate(self, epoch: int, window_id: int) -> tuple[int, int]:
+        """(shard, first token) of a window in an epoch."""
         shard = int(np.searchsorted(self.first_window, window_id, side="right")) - 1
         offset = _mix(self.seed, epoch, shard) % (self.slack[shard] + 1)
-        start = offset + (window_id - int(self.first_window[shard])) * self.length
+        return shard, offset + (window_id - int(self.first_window[shard])) * self.length
+
+    def window(self, epoch: int, window_id: int) -> np.ndarray:
+        shard, start = self.locate(epoch, window_id)
         tokens = self.tokens[shard][start:start + self.length]
         if self.vocab_size is not None:
             check_tokens(tokens, self.vocab_size, self.files[shard], start)
@@ -156,7 +160,7 @@ def _batch_stream(files, *, block_size, batch_size, seed, process_index, process
     if not 0 <= seed < 2**32:
         raise UserValueError(f"seed={seed} must lie in [0, 2**32) (grain's shuffle)")
     windows = TokenWindows(files, block_size + 1, seed, vocab_size)
-    ds = grain.MapDataset.range(windows.num_windows).shuffle(seed=seed).repeat()  # reshuffled every epoch
+    ds = window_ids(windows.num_windows, seed)
     ds = ds.map_with_index(lambda i, window_id: windows.window(i // windows.num_windows, window_id))
     if start < 0:
         raise ValueError(f"start={start} must be >= 0")
@@ -164,6 +168,11 @@ def _batch_stream(files, *, block_size, batch_size, seed, process_index, process
     # drop_remainder: the stream is endless anyway, and without it grain overflows computing the length of a
     # sys.maxsize-long stream in batches of 1.
     return ds.batch(batch_size, drop_remainder=True, batch_fn=_to_batch)
+
+
+def window_ids(num_windows: int, seed: int) -> grain.MapDataset:
+    """The endless stream of window ids, reshuffled every epoch (element e * num_windows + i: epoch e's i-th)."""
+    return grain.MapDataset.range(num_windows).shuffle(seed=seed).repeat()
 
 
 def _to_batch(windows: list[np.ndarray]) -> dict[str, np.ndarray]:
@@ -193,14 +202,23 @@ def eval_batches(files: list[str], *, block_size: int, batch_size: int, n_batche
 
 def stream_identity(files: list[str], *, block_size: int, seed: int) -> dict:
     """What fixes the window stream, kept with a checkpoint so that a resumed run can tell it reads the same one:
-    the seed, the window length, and each shard's name, size and a fingerprint of its first and last tokens (the
-    directory may move between clusters; the data may not)."""
+    the seed, the window length, each shard's name, size and a fingerprint of its first and last tokens (the
+    directory may move between clusters; the data may not), and a fingerprint of the order the stream visits them."""
     shards = []
     for path in files:
         tokens = read_shard(path)
         digest = hashlib.sha256(np.asarray(tokens[:4096]).tobytes() + np.asarray(tokens[-4096:]).tobytes())
         shards.append([os.path.basename(path), int(tokens.size), digest.hexdigest()[:16]])
-    return {"seed": int(seed), "window_tokens": block_size + 1, "shards": shards}
+    return {"seed": int(seed), "window_tokens": block_size + 1, "shards": shards,
+            "order": _order_fingerprint(TokenWindows(files, block_size + 1, seed), seed)}
+
+
+def _order_fingerprint(windows: TokenWindows, seed: int, n: int = 32) -> str:
+    """Where the first n windows of epochs 0 and 1 start: the order grain's shuffle and the per-epoch offsets give
+    these shards. Another version of either would make a resumed run read other windows; this tells it."""
+    ids, count = window_ids(windows.num_windows, seed), windows.num_windows
+    places = [windows.locate(epoch, int(ids[epoch * count + i])) for epoch in (0, 1) for i in range(min(n, count))]
+    return hashlib.sha256(repr(places).encode()).hexdigest()[:16]
 
 
 def _mix(*values: int) -> int:

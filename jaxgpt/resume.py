@@ -142,7 +142,12 @@ class Refusal:
         if old != new:
             self.refuse(f"was trained on windows of {old} tokens, this run's are {new}",
                         f"resume with --config.model.block_size={old - 1}")
-        if saved != ours:
+        orders = saved.get("order"), ours.get("order")  # checkpoints of the first position item have none
+        if None not in orders and orders[0] != orders[1] and saved["shards"] == ours["shards"]:
+            self.refuse("was trained on the same data in another order than this version of jaxgpt and grain gives "
+                        "(the shuffle or the window offsets changed): resuming would read other windows",
+                        "resume with the versions that wrote it (constraints.txt)")
+        if {**saved, "order": None} != {**ours, "order": None}:
             self.refuse(f"was trained on another data set: {_shard_diff(saved['shards'], ours['shards'])} in "
                         f"data.dir={config.data.dir}", "point --config.data.dir at the data it was trained on")
 

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import corpus
+import grain
 import numpy as np
 import pytest
 
@@ -443,3 +444,19 @@ def test_interrupted_prepare_leaves_nothing_that_looks_prepared(tmp_path, monkey
     for out in (tmp_path / "new", tmp_path / "existing"):
         prepare(str(out), dataset="text", input=text)
         assert len(find_shards(str(out), "val")) == 1 and load_tokenizer(str(out)).vocab_size > 10
+
+
+def test_the_order_fingerprint_follows_the_shuffle_and_the_offsets(tmp_path, monkeypatch):
+    """A resumed run must read the windows the interrupted one would have: stream_identity fingerprints the order
+    (grain's shuffle, the per-epoch offsets), so a version that orders the same shards otherwise is told apart."""
+    from jaxgpt import data
+    files, _ = write_numbered_shards(tmp_path, [3000, 1200])
+    base = stream_identity(files, block_size=31, seed=5)["order"]
+    assert stream_identity(files, block_size=31, seed=5)["order"] == base
+    assert stream_identity(files, block_size=31, seed=6)["order"] != base
+    with monkeypatch.context() as m:  # other per-epoch offsets
+        m.setattr(data, "_mix", lambda *values: sum(values) * 7)
+        assert stream_identity(files, block_size=31, seed=5)["order"] != base
+    with monkeypatch.context() as m:  # another shuffle
+        m.setattr(data, "window_ids", lambda n, seed: grain.MapDataset.range(n).repeat())
+        assert stream_identity(files, block_size=31, seed=5)["order"] != base

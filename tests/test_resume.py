@@ -524,3 +524,15 @@ def test_an_unreadable_step_names_the_latest_earlier_one_that_reads(monkeypatch)
     with pytest.raises(checkpoint.UnreadableCheckpoint, match=r"^cannot read the checkpoint runs/a/checkpoints/20: a "
                                                               r"truncated file; no earlier checkpoint reads either$"):
         resume.plan(FakeManager([10, 20]), "runs/a", training(batch_size=16), model_config, STREAM, False)
+
+
+def test_the_same_shards_in_another_order_are_refused():
+    """Another grain or jaxgpt that shuffles the same shards otherwise would silently read other windows."""
+    stream = {"seed": 0, "window_tokens": 33, "shards": [["train_000000.bin", 1000, "aa"]], "order": "0123"}
+    c = training(**{"data.dir": "/mnt/x"})
+    refusal().check_stream(stream, dict(stream), c)
+    refusal().check_stream({k: v for k, v in stream.items() if k != "order"}, stream, c)  # recorded without one
+    with pytest.raises(UserValueError, match="trained on the same data in another order than this version of jaxgpt "
+                                             "and grain gives .*: resuming would read other windows; resume with "
+                                             r"the versions that wrote it \(constraints.txt\), or start a new run"):
+        refusal().check_stream(stream, {**stream, "order": "4567"}, c)
