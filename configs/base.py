@@ -94,7 +94,8 @@ def get_config() -> ConfigDict:
     c.checkpoint_every = FieldReference(0)  # steps between checkpoints; 0: every eval
     c.keep_checkpoints = 2  # latest checkpoints kept (the best by val loss is kept too)
     c.init_from = "scratch"  # scratch | resume | hf:DIR | nanogpt:FILE | openai:DIR | ckpt:DIR (a jaxgpt model dir)
-    c.resume_step = 0  # >0: resume from this checkpoint step, not the latest (later ones move to WORKDIR/set_aside/)
+    c.resume_step = 0  # >0: resume from this step, not the latest (later ones move to WORKDIR/set_aside/; run again,
+    # the same command goes on from what it wrote since)
     c.sample_prompt = "\n"  # prompt of the text sample printed at every eval
     c.sample_tokens = 200  # tokens in that sample; 0 disables it
     c.hellaswag_file = ""  # HellaSwag val .jsonl scored at every eval when set (GPT-2 BPE models)

@@ -54,7 +54,7 @@ def plan(manager, workdir: str, config: ConfigDict, model_config: model.GPTConfi
     """The checkpoint this run resumes from (the latest, or config.resume_step), checked against this run; None
     for a fresh start. Raises before anything is written."""
     steps = sorted(manager.all_steps())
-    if config.resume_step:
+    if config.resume_step and not went_back_already(manager, steps, config.resume_step):
         if config.resume_step not in steps:
             raise UserFileNotFoundError(f"resume_step={config.resume_step}: {workdir} holds no checkpoint at that "
                                         f"step; it holds steps {steps}")
@@ -76,6 +76,17 @@ def plan(manager, workdir: str, config: ConfigDict, model_config: model.GPTConfi
         raise UserValueError(f"{workdir}/checkpoints/{step}: its data position ({position['windows']} windows) is not "
                              f"{step} steps of {per_step} windows; the checkpoint was not written by this trainer")
     return Resume(step, position["windows"], position["layout"], tuple(s for s in steps if s > step))
+
+
+def went_back_already(manager, steps: list[int], resume_step: int) -> bool:
+    """Whether the latest checkpoint was written by a run that already resumed from resume_step: the same command
+    run again (a requeue) then goes on from it instead of going back again."""
+    if not steps or steps[-1] <= resume_step:
+        return False
+    try:
+        return checkpoint.saved_config(manager, steps[-1])["train"].get("resume_step") == resume_step
+    except checkpoint.UnreadableCheckpoint:
+        return False
 
 
 def readable_or_advice(manager, step: int, read):

@@ -536,3 +536,21 @@ def test_the_same_shards_in_another_order_are_refused():
                                              "and grain gives .*: resuming would read other windows; resume with "
                                              r"the versions that wrote it \(constraints.txt\), or start a new run"):
         refusal().check_stream(stream, {**stream, "order": "4567"}, c)
+
+
+def test_the_same_resume_step_run_again_goes_on_from_what_it_wrote(monkeypatch):
+    """A requeue runs the same command: a run that already went back to resume_step and wrote later checkpoints is
+    resumed from the latest of them, not sent back again (docs/scaling.md)."""
+    from jaxgpt import resume
+    saved = saved_training(batch_size=8, resume_step=10)
+    model_config, _ = fake_checkpoints(monkeypatch, saved, 8)
+    config = training(batch_size=8, resume_step=10)
+    assert resume.plan(FakeManager([10, 20, 30]), "runs/a", config, model_config, STREAM, False).step == 30
+    config.resume_step = 20  # going back elsewhere still goes back
+    assert resume.plan(FakeManager([10, 20, 30]), "runs/a", config, model_config, STREAM, False).step == 20
+    config.resume_step = 30
+    assert resume.plan(FakeManager([10, 20, 30]), "runs/a", config, model_config, STREAM, False).step == 30
+    fake_checkpoints(monkeypatch, saved_training(batch_size=8), 8)  # written without resume_step: go back
+    config.resume_step = 10
+    assert resume.plan(FakeManager([10, 20, 30]), "runs/a", config, model_config, STREAM, False) == \
+        resume.Resume(10, 80, {"processes": 2}, (20, 30))
